@@ -198,6 +198,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) RGB in [0, 1] -> one map per `out_strides` entry, shallow to deep."""
 
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of parameters the optimiser must not decay, beyond biases
+        and norm weights: layer scales, attention-bias tables, position encodings (timm convention)."""
+        return set()
+
     def reparameterize(self) -> None:
         """Fold train-time structure into its inference form, in place; exact and idempotent."""
 
