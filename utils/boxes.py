@@ -112,19 +112,23 @@ def scale_boxes(
 ) -> Boxes:
     """Map xyxy boxes from a letterboxed image (h, w) = img1_shape back to the original img0_shape.
 
-    ratio_pad is ((gain_h, gain_w), (pad_w, pad_h)) as returned by the letterbox; when absent the
-    letterbox that produced img1_shape is recomputed (YOLOv5 semantics). Boxes are modified in place.
+    ratio_pad is ((gain_h, gain_w), (pad_w, pad_h)) as the dataset returns it; each axis is divided by its
+    own gain (YOLOv5 uses gain_h for both, which moves x by up to a pixel of the resized image when the
+    resize rounded the two sides differently). Without ratio_pad the letterbox that produced img1_shape
+    is recomputed. Boxes are modified in place.
     """
     if ratio_pad is None:
         gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])
+        gain_h = gain_w = gain
         pad_w = (img1_shape[1] - img0_shape[1] * gain) / 2
         pad_h = (img1_shape[0] - img0_shape[0] * gain) / 2
     else:
-        gain = ratio_pad[0][0]
+        gain_h, gain_w = ratio_pad[0]
         pad_w, pad_h = ratio_pad[1]
     boxes[..., [0, 2]] -= pad_w
     boxes[..., [1, 3]] -= pad_h
-    boxes[..., :4] /= gain
+    boxes[..., [0, 2]] /= gain_w
+    boxes[..., [1, 3]] /= gain_h
     return clip_boxes(boxes, img0_shape)
 
 

@@ -1,0 +1,154 @@
+"""Train a detector (YOLOv5's train.py).
+
+    python train.py --cfg yolov5n.yaml --epochs 3 --imgsz 320          # built-in dataset, from scratch
+    python train.py --cfg yolov5-riformer.yaml --data bccd.yaml --epochs 100
+    python train.py --resume                                            # latest runs/train/*/weights/last.pt
+    torchrun --nproc_per_node 2 train.py --cfg yolov5n.yaml --device cpu   # DDP (gloo on CPU, NCCL on GPUs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from utils.checkpoint import load_checkpoint
+from utils.general import increment_path, resolve_config, yaml_load
+from utils.torch_utils import select_device
+from utils.trainer import Trainer, distributed_env, save_run_config
+
+LOGGER = logging.getLogger("vitdet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="", help="our checkpoint to fine-tune from ('' = from scratch)")
+    p.add_argument("--cfg", default="", help="model YAML (bare names resolve in configs/models/)")
+    p.add_argument("--data", default="builtin.yaml", help="dataset YAML (default: the built-in dataset)")
+    p.add_argument("--hyp", default="hyp.scratch-low.yaml", help="hyperparameter YAML")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16, help="total batch size for all devices")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    p.add_argument("--rect", action="store_true", help="rectangular training")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="resume the latest or the given last.pt")
+    p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
+    p.add_argument("--noval", action="store_true", help="only validate the final epoch")
+    p.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
+    p.add_argument("--noplots", action="store_true", help="save no plot files")
+    p.add_argument("--cache", nargs="?", const="ram", default=None, choices=["ram", "disk"],
+                   help="cache images in ram (default) or on disk")
+    p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    p.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW"])
+    p.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
+    p.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
+    p.add_argument("--freeze", nargs="+", default=[], help="freeze first N layers, layers a b c, or 'backbone'")
+    p.add_argument("--save-period", type=int, default=-1, help="save a checkpoint every x epochs (disabled if < 1)")
+    p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns on CPU)")
+    p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
+    p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    p.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
+    p.add_argument("--project", default="runs/train", help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    return p
+
+
+def check_opt(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> argparse.Namespace:
+    """Refuse contradictory or out-of-range options with a message naming them."""
+    if not opt.resume and not opt.cfg and not opt.weights:
+        parser.error("give --cfg (a model YAML) or --weights (a checkpoint to fine-tune), or --resume")
+    for flag, value, low in (("--epochs", opt.epochs, 1), ("--batch-size", opt.batch_size, 1),
+                             ("--imgsz", opt.imgsz, 32), ("--workers", opt.workers, 0), ("--patience", opt.patience, 0)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= opt.label_smoothing < 1:
+        parser.error(f"--label-smoothing must be in [0, 1), got {opt.label_smoothing}")
+    if opt.freeze and opt.freeze != ["backbone"] and not all(str(x).isdigit() for x in opt.freeze):
+        parser.error(f"--freeze takes a layer count, layer indices or 'backbone'; got {' '.join(opt.freeze)}")
+    if opt.rect and opt.multi_scale:
+        parser.error("--rect and --multi-scale contradict each other (rectangular batches have fixed shapes)")
+    if opt.sync_bn and distributed_env()[1] == -1:
+        parser.error("--sync-bn only applies to DDP training (torchrun --nproc_per_node N train.py ...)")
+    world = distributed_env()[2]
+    if opt.batch_size % world:
+        parser.error(f"--batch-size {opt.batch_size} must be a multiple of the number of processes ({world})")
+    return opt
+
+
+def latest_checkpoint(search_dir: str = "runs") -> Path:
+    files = sorted(Path(search_dir).rglob("last.pt"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"--resume: no last.pt found under {search_dir}/; pass the path to one")
+    return files[-1]
+
+
+def resume_options(opt: argparse.Namespace) -> argparse.Namespace:
+    """The saved options of the run to resume, with this invocation's path and device."""
+    path = Path(opt.resume) if isinstance(opt.resume, str) else latest_checkpoint()
+    ckpt = load_checkpoint(path)
+    saved = argparse.Namespace(**ckpt["opt"])
+    saved.resume, saved.resume_path, saved.device = True, str(path), opt.device or saved.device
+    saved.exist_ok = True
+    saved.save_dir = str(path.parent.parent)
+    return saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    opt = check_opt(parser, parser.parse_args(argv))
+    local_rank, rank, world = distributed_env()
+    if opt.resume:
+        opt = resume_options(opt)
+        hyp = dict(load_checkpoint(opt.resume_path)["hyp"])
+        save_dir = Path(opt.save_dir)
+    else:
+        opt.cfg = str(resolve_config(opt.cfg, "models")) if opt.cfg else ""
+        hyp = yaml_load(resolve_config(opt.hyp, "hyps"))
+        save_dir = Path(opt.project) / opt.name
+        if rank in (-1, 0):
+            save_dir = increment_path(save_dir, exist_ok=opt.exist_ok)
+        opt.save_dir = str(save_dir)
+    device = _setup_device(opt, local_rank, world)
+    if world > 1:
+        save_dir = _shared_save_dir(save_dir)
+        opt.save_dir = str(save_dir)
+    if rank in (-1, 0):
+        (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+        if not opt.resume:
+            save_run_config(save_dir, opt, hyp)
+    Trainer(opt, hyp, device, save_dir).run()
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def _setup_device(opt: argparse.Namespace, local_rank: int, world: int) -> torch.device:
+    device = select_device(opt.device)
+    if local_rank == -1:
+        return device
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(hours=3))
+    return device
+
+
+def _shared_save_dir(save_dir: Path) -> Path:
+    """Rank 0 chose the run folder; every rank uses that one."""
+    box = [str(save_dir)]
+    dist.broadcast_object_list(box, 0)
+    return Path(box[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
