@@ -110,6 +110,7 @@ class Trainer:
         self.opt, self.device, self.save_dir = opt, device, save_dir
         self.local_rank, self.rank, self.world_size = distributed_env()
         self.main = self.rank in (-1, 0)
+        self.hyp_in = dict(hyp)  # as given: what checkpoints store (setup scales weight decay for the batch)
         self.hyp = dict(hyp)
         self.wdir = save_dir / "weights"
         self.amp = device.type == "cuda"
@@ -137,6 +138,7 @@ class Trainer:
         self.scheduler = LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.ema = ModelEMA(self.model) if self.main else None
         self.start_epoch, self.best_fitness = 0, 0.0
+        self.last_opt_step = -1  # iteration of the last optimizer step (accumulation spans epochs)
         self._make_loaders()
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
@@ -218,6 +220,8 @@ class Trainer:
             self.ema.load_state_dict({"model": ckpt["ema"], "updates": ckpt["updates"]})
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best_fitness = float(ckpt["best_fitness"])
+        self.last_opt_step = int(ckpt.get("last_opt_step", -1))
+        self.accumulate = int(ckpt.get("accumulate", self.accumulate))
         if ckpt.get("rng") is not None:
             set_rng_state(ckpt["rng"])
         if self.start_epoch >= self.opt.epochs:
@@ -234,13 +238,15 @@ class Trainer:
         self.compute_loss = ComputeLoss(self.model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.stopper = EarlyStopping(opt.patience)
-        self.last_opt_step = -1
         results = None
         LOGGER.info(f"Image sizes {opt.imgsz} train, {opt.imgsz} val\nStarting training for {opt.epochs} "
                     f"epochs...\nLogging results to {self.save_dir}")
         t0 = time.time()
         for epoch in range(self.start_epoch, opt.epochs):
+            t_epoch = time.time()
             mloss, images = self._train_epoch(epoch, nb)
+            if self.main:
+                LOGGER.info(f"epoch {epoch}: {images * self.world_size / (time.time() - t_epoch):.1f} train images/s")
             lrs = [g["lr"] for g in self.optimizer.param_groups]
             self.scheduler.step()
             stop = False
@@ -356,7 +362,8 @@ class Trainer:
         ckpt = checkpoint_dict(
             de_parallel(self.model), self.ema.ema, epoch=epoch, best_fitness=self.best_fitness,
             updates=self.ema.updates, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            opt=_plain_opt(self.opt), hyp=self.hyp, rng=rng_state(),
+            opt=_plain_opt(self.opt), hyp=self.hyp_in, rng=rng_state(), last_opt_step=self.last_opt_step,
+            accumulate=self.accumulate,
         )
         save_checkpoint(ckpt, self.wdir / "last.pt")
         if self.best_fitness == fi:
