@@ -6,8 +6,9 @@
 
 Columns: parameters, GFLOPs at --imgsz (batch 1, torch.utils.flop_counter), median CPU latency at
 batch 1 after warm-up for the model as built and after fuse() (Conv+BN folding and backbone
-reparameterisation), optionally ONNX Runtime latency of the fused export, the time of one training step
-(forward + loss-free backward at --train-batch), and peak training memory. Figures from one machine at one
+reparameterisation), optionally ONNX Runtime latency of the fused export, detect.py frames/s end to end
+on a 640x480 video, the time of one training step (forward + backward of a stand-in loss at
+--train-batch), and peak training memory. Figures from one machine at one
 moment vary; the ratios to yolov5s (measured in the same run) are what to compare.
 Writes a markdown table (stdout and --out .md) and a CSV (--out .csv).
 """
@@ -82,6 +83,28 @@ def train_step_ms(cfg: str, imgsz: int, batch: int, runs: int) -> float:
     return median_latency_ms(step, runs, warmup=1)
 
 
+def detect_fps(model: DetectionModel, frames: int = 20) -> float:
+    """detect.py end to end (read, letterbox, fused inference, NMS, draw, write) on a generated 640x480
+    mp4; frames per second."""
+    import cv2
+    import numpy as np
+
+    import detect
+    from utils.checkpoint import checkpoint_dict, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        video = Path(tmp) / "clip.mp4"
+        writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 480))
+        rng = np.random.default_rng(0)
+        for _ in range(frames):
+            writer.write(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
+        writer.release()
+        weights = save_checkpoint(checkpoint_dict(model), Path(tmp) / "model.pt")
+        t0 = time.perf_counter()
+        detect.run(weights=weights, source=video, imgsz=640, device="cpu", project=tmp, name="detect")
+        return frames / (time.perf_counter() - t0)
+
+
 def measure(cfg: str, args: argparse.Namespace) -> dict:
     name = Path(cfg).name
     LOGGER.info(f"benchmarking {name} ...")
@@ -92,6 +115,8 @@ def measure(cfg: str, args: argparse.Namespace) -> dict:
         "gflops": count_flops(model, args.imgsz) / 1e9,
         "cpu_ms": torch_latency(model, args.imgsz, args.runs, args.warmup),
     }
+    if args.detect_fps:
+        row["detect_fps"] = detect_fps(model)
     model.fuse()
     row["fused_params"] = count_parameters(model)
     row["cpu_fused_ms"] = torch_latency(model, args.imgsz, args.runs, args.warmup)
@@ -150,6 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--onnx", action="store_true", help="also time the fused ONNX export with ONNX Runtime")
     p.add_argument("--train-step", action="store_true", help="also time one training step")
+    p.add_argument("--detect-fps", action="store_true", help="also run detect.py on a 640x480 video (frames/s)")
     p.add_argument("--memory", action="store_true", help="also measure peak training memory (utils/memory.py)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--loader", default="", help="dataset YAML: also report loader images/s (mosaic, 2 workers)")

@@ -148,7 +148,7 @@ def _shapes_for(backend, imgsz: int, batch_size: int) -> tuple[int, int, bool]:
         if h != w:
             raise ValueError(f"static export with a non-square input {h}x{w} cannot validate letterboxed squares")
         return h, b, False
-    return imgsz, batch_size, backend.kind == "pytorch"
+    return imgsz, batch_size, backend.dynamic  # rectangular batches need an input of any shape
 
 
 def _study(opt: argparse.Namespace) -> None:

@@ -164,6 +164,7 @@ class Concat(nn.Module):
         return torch.cat(x, self.d)
 
 
+@torch.no_grad()
 def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """Fold an eval-mode BatchNorm into the preceding convolution; returns a new Conv2d with a bias.
 

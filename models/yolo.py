@@ -180,10 +180,10 @@ def _check_row(i: int, row: Any) -> tuple[Any, int, Any, list]:
     return f, n, m, args
 
 
-def _backbone_request(rows: list, name: str, args: list, i: int) -> tuple[str | None, dict]:
+def _backbone_request(row: list, name: str, args: list, i: int) -> tuple[str | None, dict]:
     """Split backbone args into (variant, options): [variant], [{arch: v, weights: ...}] or [] (alias)."""
     if len(args) > 1:
-        raise _row_error(i, rows[i], f"backbone {name} takes one argument (variant or mapping), got {args}")
+        raise _row_error(i, row, f"backbone {name} takes one argument (variant or mapping), got {args}")
     if not args:
         return None, {}
     arg = args[0]
@@ -212,7 +212,7 @@ def _build_backbone_row(rows: list, row: list, i: int):
         raise _row_error(i, row, f"backbone {name} must read the input (from -1) once (number 1)")
     if len(rows) <= NUM_SLOTS:
         raise _row_error(i, row, "a backbone row must be followed by the rest of the model")
-    variant, options = _backbone_request(rows, name, args, i)
+    variant, options = _backbone_request(row, name, args, i)
     read = _slots_read(rows, NUM_SLOTS) | {NUM_SLOTS - 1}  # the deepest slot always feeds row 5
     strides = sorted(2 ** (k + 1) for k in read)
     try:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import val
-from utils.boxes import xyxy2xywh
 from utils.validator import run_validation
 
 
