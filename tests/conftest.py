@@ -13,7 +13,6 @@ def _isolated_dataset_cache(tmp_path_factory):
     """Generated datasets go to a per-session temp folder unless the caller chose one."""
     if not os.environ.get("VITDET_DATASETS"):
         os.environ["VITDET_DATASETS"] = str(tmp_path_factory.mktemp("datasets"))
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
 
 
