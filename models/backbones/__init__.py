@@ -25,16 +25,16 @@ def _families() -> list:
     """(class, {alias: variant}) for each shipped family; imported here so a broken family fails loudly."""
     families = []
     # Each family module exposes ALIASES = {seed name: variant}. Uncomment a family's two lines when it lands.
-    # from .riformer import ALIASES as RIFORMER_ALIASES, RIFormer
-    # families.append((RIFormer, RIFORMER_ALIASES))
-    # from .efficientvit import ALIASES as EFFICIENTVIT_ALIASES, EfficientViT
-    # families.append((EfficientViT, EFFICIENTVIT_ALIASES))
-    # from .fastvit import ALIASES as FASTVIT_ALIASES, FastViT
-    # families.append((FastViT, FASTVIT_ALIASES))
-    # from .mpvit import ALIASES as MPVIT_ALIASES, MPViT
-    # families.append((MPViT, MPVIT_ALIASES))
-    # from .levit import ALIASES as LEVIT_ALIASES, LeViT
-    # families.append((LeViT, LEVIT_ALIASES))
+    from .riformer import ALIASES as RIFORMER_ALIASES, RIFormer
+    families.append((RIFormer, RIFORMER_ALIASES))
+    from .efficientvit import ALIASES as EFFICIENTVIT_ALIASES, EfficientViT
+    families.append((EfficientViT, EFFICIENTVIT_ALIASES))
+    from .fastvit import ALIASES as FASTVIT_ALIASES, FastViT
+    families.append((FastViT, FASTVIT_ALIASES))
+    from .mpvit import ALIASES as MPVIT_ALIASES, MPViT
+    families.append((MPViT, MPVIT_ALIASES))
+    from .levit import ALIASES as LEVIT_ALIASES, LeViT
+    families.append((LeViT, LEVIT_ALIASES))
     return families
 
 
