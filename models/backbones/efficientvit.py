@@ -47,10 +47,9 @@ import torch
 from torch import nn
 
 from .base import LOGGER, Backbone, LoadReport, load_state_into, read_checkpoint
+from .layers import IMAGENET_MEAN, IMAGENET_STD
 from .efficientvit_blocks import ConvBN, Stage, resize_bias_table
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Stage strides per layout (stage 1, 2, 3).
 LAYOUT_STRIDES: dict[str, tuple[int, int, int]] = {

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .base import LOGGER, Backbone, LoadReport, load_state_into, normalise_variant_name, read_checkpoint
+from .layers import IMAGENET_MEAN, IMAGENET_STD
 from .fastvit_blocks import (
     AttentionBlock,
     PatchEmbed,
@@ -49,8 +50,6 @@ from .fastvit_blocks import (
     stem,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGE_STRIDES = (4, 8, 16, 32)
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import DropPath
+
 
 def fuse_conv_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold `bn` (running statistics) into a bias-free conv `kernel` (out, in/groups, k, k)."""
@@ -305,21 +307,6 @@ class MHSA(nn.Module):
         attn = ((query * self.scale) @ key.transpose(-2, -1)).softmax(dim=-1)
         out = (attn @ value).transpose(1, 2).reshape(batch, -1, channels)
         return self.proj(out).transpose(1, 2).reshape(batch, channels, height, width)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: zero a sample's residual branch with probability `rate` in training."""
-
-    def __init__(self, rate: float = 0.0) -> None:
-        super().__init__()
-        self.rate = float(rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 class RepMixerBlock(nn.Module):

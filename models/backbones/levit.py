@@ -43,10 +43,9 @@ import torch
 from torch import nn
 
 from .base import LOGGER, Backbone, LoadReport, load_state_into, normalise_variant_name, read_checkpoint
+from .layers import IMAGENET_MEAN, IMAGENET_STD
 from .levit_blocks import ConvNorm, ConvStem, LeViTStage
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAINED_SIDES = (14, 7, 4)  # stage map sides at the official 224 input (224 / 16, then ceil halves)
 HEAD_PREFIXES = ("head.", "head_dist.")
 LAYOUTS = ("detection", "official")

@@ -41,10 +41,9 @@ import torch
 from torch import nn
 
 from .base import Backbone, LoadReport, load_state_into, normalise_variant_name, read_checkpoint
+from .layers import IMAGENET_MEAN, IMAGENET_STD
 from .mpvit_blocks import ConvNorm, MultiPathStage, fuse_conv_norms
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGE_STRIDES = (4, 8, 16, 32)
 
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .layers import DropPath
+
 # Window size -> number of heads that use it in the convolutional relative position encoding (8 heads).
 CRPE_WINDOWS: dict[int, int] = {3: 2, 5: 3, 7: 3}
 LAYER_NORM_EPS = 1e-6
@@ -170,26 +172,6 @@ class Mlp(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(tokens)))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: zero a residual branch per sample with probability `rate` while training."""
-
-    def __init__(self, rate: float = 0.0) -> None:
-        super().__init__()
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"DropPath: rate must be in [0, 1), got {rate}")
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"rate={self.rate}"
 
 
 class FactorizedAttentionBlock(nn.Module):

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import LOGGER, Backbone, LoadReport, load_state_into, read_checkpoint
+from .layers import IMAGENET_MEAN, IMAGENET_STD
 from .riformer_blocks import (
     RIFormerBlock,
     RIFormerStage,
@@ -45,8 +46,6 @@ from .riformer_blocks import (
     pad_to_multiple,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGE_STRIDES = (4, 8, 16, 32)
 OFFICIAL_PREFIX = "backbone."
 OFFICIAL_HEAD_PREFIX = "head."
