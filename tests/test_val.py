@@ -158,3 +158,20 @@ def test_every_model_validates_on_rectangular_batches(cfg, tmp_path, tiny_data):
     assert any(h != w for h, w in dataset.batch_shapes)  # the batches really are rectangular
     results = run_validation(model, loader, data["names"], plots=False, conf_thres=0.01)
     assert results.speed[1] > 0 and len(results.maps) == 6
+
+
+@pytest.mark.slow
+def test_onnx_export_validates_to_the_same_map_as_the_checkpoint(tmp_path, tiny_data, tiny_checkpoint):
+    import shutil
+
+    from utils.export_utils import export_model
+
+    weights = shutil.copy(tiny_checkpoint, tmp_path / "w.pt")
+    onnx_file = export_model(weights, include=("onnx",), imgsz=(160, 160), dynamic=True)["onnx"]
+    common = dict(data=str(tiny_data), imgsz=160, batch_size=4, workers=0, project=str(tmp_path), plots=False,
+                  conf_thres=0.01)
+    pt_results, _ = val.run(weights=weights, name="pt", **common)
+    onnx_results, _ = val.run(weights=str(onnx_file), name="onnx", **common)
+    assert pt_results.map50 > 0  # something was matched, so the comparison means something
+    assert abs(pt_results.map - onnx_results.map) <= 0.001
+    assert abs(pt_results.map50 - onnx_results.map50) <= 0.001
