@@ -150,9 +150,12 @@ def test_ddp_two_cpu_processes_match_single_process_artefacts(tmp_path, tiny_dat
     out = ddp.communicate(timeout=900)[0]
     assert ddp.returncode == 0, out
     single = _train(tmp_path, tiny_data, "--epochs", "1", "--device", "cpu", name="single")
-    ddp_files = sorted(p.relative_to(tmp_path / "ddp").as_posix() for p in (tmp_path / "ddp").rglob("*"))
-    single_files = sorted(p.relative_to(single).as_posix() for p in single.rglob("*"))
-    assert ddp_files == single_files
+    def artefacts(run: Path) -> list[str]:
+        # validation runs at 2x the per-rank batch (as YOLOv5), so DDP plots more val_batch* mosaics
+        names = (p.relative_to(run).as_posix() for p in run.rglob("*"))
+        return sorted(n for n in names if not (n.startswith("val_batch") and not n.startswith("val_batch0")))
+
+    assert artefacts(tmp_path / "ddp") == artefacts(single)
     assert not (tmp_path / "ddp2").exists()  # rank 1 wrote nothing of its own
     ckpt = load_checkpoint(tmp_path / "ddp" / "weights" / "last.pt")
     assert ckpt["epoch"] == 0 and ckpt["opt"]["batch_size"] == 8

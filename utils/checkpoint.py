@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.general import default_file_mode
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -49,6 +51,7 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -43,6 +43,7 @@ import yaml
 from models.backend import (
     TORCHSCRIPT_METADATA, InferenceBackend, check_img_size, read_onnx_metadata, read_torchscript_metadata,
 )
+from utils.general import default_file_mode
 from utils.torch_utils import select_device
 
 LOGGER = logging.getLogger("vitdet")
@@ -140,6 +141,7 @@ def _temp_path(target: Path) -> Path:
     """A fresh hidden file beside `target` with the same suffix (the backend picks the kind by suffix)."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
     os.close(fd)
+    os.chmod(tmp, default_file_mode())  # the renamed export gets ordinary permissions, not mkstemp's 0o600
     return Path(tmp)
 
 

@@ -51,6 +51,13 @@ def yaml_save(path: str | Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, yaml.safe_dump(plain, sort_keys=False))
 
 
+def default_file_mode() -> int:
+    """Permissions a plain open() would give a new file (0o666 minus the umask); mkstemp uses 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
@@ -58,6 +65,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
