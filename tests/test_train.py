@@ -163,7 +163,10 @@ def test_ddp_two_cpu_processes_match_single_process_artefacts(tmp_path, tiny_dat
 
 
 @pytest.mark.slow
-def test_training_learns_on_builtin_data(tmp_path, tiny_data):
-    run = _train(tmp_path, "builtin.yaml", "--epochs", "8", "--imgsz", "160", "--batch-size", "16", "--noplots")
+def test_training_learns_on_builtin_data(tmp_path):
+    """12 short epochs of yolov5n on the built-in dataset (384 batches of 8, the first 100 in warmup).
+    Measured on 2 CPU cores: mAP50 0.0008 after epoch 0, 0.055 by epoch 8."""
+    run = _train(tmp_path, "builtin.yaml", "--epochs", "12", "--imgsz", "256", "--batch-size", "8", "--workers", "2",
+                 "--noplots")
     maps = [float(r["metrics/mAP_0.5"]) for r in _rows(run)]
-    assert max(maps[-2:]) > 0.05 and max(maps[-2:]) > 5 * maps[0], maps
+    assert max(maps[-3:]) > max(0.03, 10 * maps[0]), maps
