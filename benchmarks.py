@@ -31,7 +31,7 @@ from models.yolo import DetectionModel
 from utils.general import CONFIGS, resolve_config
 from utils.torch_utils import count_flops, count_parameters
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 REFERENCE = "yolov5s.yaml"
 
 
@@ -89,8 +89,8 @@ def detect_fps(model: DetectionModel, frames: int = 20) -> float:
     import cv2
     import numpy as np
 
-    import detect
-    from utils.checkpoint import checkpoint_dict, save_checkpoint
+    from engine import predictor
+    from engine.checkpoint import checkpoint_dict, save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         video = Path(tmp) / "clip.mp4"
@@ -101,7 +101,7 @@ def detect_fps(model: DetectionModel, frames: int = 20) -> float:
         writer.release()
         weights = save_checkpoint(checkpoint_dict(model), Path(tmp) / "model.pt")
         t0 = time.perf_counter()
-        detect.run(weights=weights, source=video, imgsz=640, device="cpu", project=tmp, name="detect")
+        predictor.run(weights=weights, source=video, imgsz=640, device="cpu", project=tmp, name="detect")
         return frames / (time.perf_counter() - t0)
 
 
@@ -125,7 +125,7 @@ def measure(cfg: str, args: argparse.Namespace) -> dict:
     if args.train_step:
         row["train_step_ms"] = train_step_ms(cfg, args.imgsz, args.train_batch, max(args.runs // 3, 2))
     if args.memory:
-        from utils.memory import training_step_peak_memory
+        from engine.memory import training_step_peak_memory
 
         row["train_peak_mb"] = training_step_peak_memory(cfg, args.imgsz, args.train_batch) / 2**20
     return row
@@ -176,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--onnx", action="store_true", help="also time the fused ONNX export with ONNX Runtime")
     p.add_argument("--train-step", action="store_true", help="also time one training step")
     p.add_argument("--detect-fps", action="store_true", help="also run detect.py on a 640x480 video (frames/s)")
-    p.add_argument("--memory", action="store_true", help="also measure peak training memory (utils/memory.py)")
+    p.add_argument("--memory", action="store_true", help="also measure peak training memory (engine/memory.py)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--loader", default="", help="dataset YAML: also report loader images/s (mosaic, 2 workers)")
     p.add_argument("--out", default="benchmarks", help="write <out>.md and <out>.csv")

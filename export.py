@@ -7,7 +7,7 @@ Exports the fused/reparameterised model next to the weights (best.torchscript, b
 best_openvino_model/), with stride and class names in the file's metadata. Every export is run on a
 sample input and compared with the PyTorch output; a relative difference above 1e-3 is a failure and
 the command exits with status 1. A previous export of the same weights is replaced (as YOLOv5 does);
-any other existing file of that name is never overwritten. Library code: utils/export_utils.py.
+any other existing file of that name is never overwritten. Library code: engine/exporter.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import argparse
 import logging
 import sys
 
-from utils.export_utils import DEFAULT_OPSET, FORMATS, ExportError, export_model
+from engine.exporter import DEFAULT_OPSET, FORMATS, ExportError, export_model
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from utils.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
+from engine.trainer import Trainer, TrainOptions, distributed_env, save_run_config
 from utils.general import increment_path, resolve_config, yaml_load
 from utils.torch_utils import select_device
-from utils.trainer import Trainer, distributed_env, save_run_config
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,15 +90,29 @@ def latest_checkpoint(search_dir: str = "runs") -> Path:
     return files[-1]
 
 
-def resume_options(opt: argparse.Namespace) -> argparse.Namespace:
-    """The saved options of the run to resume, with this invocation's path and device."""
+def resume_options(opt: argparse.Namespace) -> TrainOptions:
+    """The saved options of the run to resume (with its hyperparameters), with this invocation's
+    path and device."""
     path = Path(opt.resume) if isinstance(opt.resume, str) else latest_checkpoint()
     ckpt = load_checkpoint(path)
-    saved = argparse.Namespace(**ckpt["opt"])
+    saved = TrainOptions.from_dict(ckpt["opt"])
+    saved.hyp = dict(ckpt["hyp"])
     saved.resume, saved.resume_path, saved.device = True, str(path), opt.device or saved.device
     saved.exist_ok = True
     saved.save_dir = str(path.parent.parent)
     return saved
+
+
+def new_run_options(opt: argparse.Namespace, rank: int) -> TrainOptions:
+    """Options of a fresh run: config paths resolved, hyperparameters read, the run folder chosen."""
+    options = TrainOptions.from_dict(vars(opt))
+    options.cfg = str(resolve_config(opt.cfg, "models")) if opt.cfg else ""
+    options.hyp = yaml_load(resolve_config(opt.hyp, "hyps"))
+    save_dir = Path(opt.project) / opt.name
+    if rank in (-1, 0):
+        save_dir = increment_path(save_dir, exist_ok=opt.exist_ok)
+    options.save_dir = str(save_dir)
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,33 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     opt = check_opt(parser, parser.parse_args(argv))
     local_rank, rank, world = distributed_env()
-    if opt.resume:
-        opt = resume_options(opt)
-        hyp = dict(load_checkpoint(opt.resume_path)["hyp"])
-        save_dir = Path(opt.save_dir)
-    else:
-        opt.cfg = str(resolve_config(opt.cfg, "models")) if opt.cfg else ""
-        hyp = yaml_load(resolve_config(opt.hyp, "hyps"))
-        save_dir = Path(opt.project) / opt.name
-        if rank in (-1, 0):
-            save_dir = increment_path(save_dir, exist_ok=opt.exist_ok)
-        opt.save_dir = str(save_dir)
-    device = _setup_device(opt, local_rank, world)
+    options = resume_options(opt) if opt.resume else new_run_options(opt, rank)
+    device = _setup_device(options.device, local_rank)
     if world > 1:
-        save_dir = _shared_save_dir(save_dir)
-        opt.save_dir = str(save_dir)
+        options.save_dir = _shared_save_dir(options.save_dir)
     if rank in (-1, 0):
-        (save_dir / "weights").mkdir(parents=True, exist_ok=True)
-        if not opt.resume:
-            save_run_config(save_dir, opt, hyp)
-    Trainer(opt, hyp, device, save_dir).run()
+        (Path(options.save_dir) / "weights").mkdir(parents=True, exist_ok=True)
+        if not options.resume:
+            save_run_config(Path(options.save_dir), options)
+    Trainer(options, device).run()
     if world > 1:
         dist.destroy_process_group()
     return 0
 
 
-def _setup_device(opt: argparse.Namespace, local_rank: int, world: int) -> torch.device:
-    device = select_device(opt.device)
+def _setup_device(device: str, local_rank: int) -> torch.device:
+    device = select_device(device)
     if local_rank == -1:
         return device
     if device.type == "cuda":
@@ -143,11 +146,11 @@ def _setup_device(opt: argparse.Namespace, local_rank: int, world: int) -> torch
     return device
 
 
-def _shared_save_dir(save_dir: Path) -> Path:
+def _shared_save_dir(save_dir: str) -> str:
     """Rank 0 chose the run folder; every rank uses that one."""
-    box = [str(save_dir)]
+    box = [save_dir]
     dist.broadcast_object_list(box, 0)
-    return Path(box[0])
+    return box[0]
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ never leaves half a dataset and two processes (DDP ranks) generating at once are
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +19,9 @@ import cv2
 import numpy as np
 
 from utils.boxes import xyxy2xywhn
+from utils.files import atomic_dir
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 VERSION = 1  # bump when the output changes; it is part of the cache folder name
 SEED = 0
 SPLITS = {"train": 256, "val": 64}
@@ -178,10 +176,8 @@ def generate_builtin(root: str | Path, splits: dict[str, int] | None = None, see
     Layout: root/images/<split>/NNNNNN.jpg, root/labels/<split>/NNNNNN.txt, root/builtin.yaml.
     """
     root, splits = Path(root), splits or SPLITS
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        start = time.perf_counter()
+    start = time.perf_counter()
+    with atomic_dir(root, replace=False) as tmp:  # a concurrent generator may win the race: keep its copy
         grain = grain_tile(seed)
         for split_index, (split, count) in enumerate(splits.items()):
             (tmp / "images" / split).mkdir(parents=True)
@@ -190,21 +186,10 @@ def generate_builtin(root: str | Path, splits: dict[str, int] | None = None, see
                 image, labels = render_image(np.random.default_rng([seed, split_index, k]), grain)
                 _write_sample(tmp, split, f"{k:06d}", image, labels)
         _write_yaml(tmp, splits)
-        _move_into_place(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
     total = sum(splits.values())
     elapsed = time.perf_counter() - start
     LOGGER.info(f"Built-in dataset: {total} images generated in {elapsed:.1f} s -> {root}")
     return root
-
-
-def _move_into_place(tmp: Path, root: Path) -> None:
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        if not root.is_dir():  # not a lost race with another process: a real failure
-            raise
 
 
 def ensure_builtin(root: str | Path) -> Path:

@@ -25,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
-LOGGER = logging.getLogger("vitdet")
+from utils.files import atomic_dir
+
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_CONFIGS = REPO_ROOT / "configs" / "data"
 SPLIT_KEYS = ("train", "val", "test")
@@ -145,19 +145,10 @@ def _convert(cfg: dict, root: Path, yaml_file: Path | None, names: list[str]) ->
     if not source.is_dir():
         raise FileNotFoundError(f"{yaml_file}: convert source {source} does not exist")
     LOGGER.info(f"Converting {source} (VOC) into {root} (first use)")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
+    with atomic_dir(root, replace=False) as tmp:  # a concurrent converter may win the race: keep its copy
         report = voc_to_yolo(source, tmp, split_dir=spec.get("split_dir", "ImageSets/Main"), names=names)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not root.is_dir():  # not a lost race with another process: a real failure
-                raise
-        report.yaml_file = root / report.yaml_file.name
-        LOGGER.info(str(report))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    report.yaml_file = root / report.yaml_file.name
+    LOGGER.info(str(report))
 
 
 def _resolve_split(value, root: Path):

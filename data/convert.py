@@ -40,8 +40,9 @@ import numpy as np
 import yaml
 
 from data.verify import IMG_FORMATS, image_size
+from utils.files import atomic_write_text
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 SPLIT_FILES = ("train", "val", "test")
 
 
@@ -364,10 +365,7 @@ def yolo_to_coco(data: str | Path | dict, split: str, out_json: str | Path) -> P
         "categories": [{"id": i, "name": n, "supercategory": ""} for i, n in enumerate(cfg["names"])],
     }  # fmt: skip
     out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_name(f"{out_json.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, out_json)
+    atomic_write_text(out_json, json.dumps(coco))
     return out_json
 
 

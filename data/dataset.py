@@ -18,7 +18,7 @@ from data.augment import augment_hsv, copy_paste, letterbox, mixup, random_persp
 from data.verify import scan_dataset
 from utils.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 DEFAULT_HYP = Path(__file__).resolve().parents[1] / "configs" / "hyps" / "hyp.scratch-low.yaml"
 AUGMENT_KEYS = (
     "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from data.dataset import LoadImagesAndLabels
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 GENERATOR_OFFSET = 6148914691236517205  # YOLOv5's constant: keeps loader seeds clear of small user seeds
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from data.augment import letterbox
 from data.verify import IMG_FORMATS, VID_FORMATS
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 
 def _suffix(path: str) -> str:

@@ -33,8 +33,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from utils.boxes import segments2boxes, xywh2xyxy, xyxy2xywh
+from utils.files import atomic_open
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 IMG_FORMATS = ("bmp", "jpeg", "jpg", "png", "tif", "tiff", "webp")  # what cv2.imread decodes
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv", "webm")
 PIL_FORMATS = {"BMP", "JPEG", "MPO", "PNG", "TIFF", "WEBP"}  # image content we accept, by its header
@@ -351,13 +352,10 @@ def _load_cache(cache_file: Path, digest: str) -> list[FileCheck] | None:
 def _save_cache(cache_file: Path, digest: str, checks: list[FileCheck], prefix: str) -> None:
     """Write atomically (temp file + rename); an unwritable folder only costs a warning."""
     arrays = _pack(checks) | {"version": np.array([CACHE_VERSION]), "hash": np.array([digest])}
-    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_open(cache_file, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, cache_file)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         LOGGER.warning(f"{prefix}label cache not saved, {cache_file.parent} is not writeable ({e})")
 
 

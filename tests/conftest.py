@@ -31,7 +31,7 @@ def tiny_checkpoint(tmp_path_factory):
     (objectness ~0.95, classes ~0.5), so inference paths have boxes to handle."""
     from data.builtin import CLASS_NAMES
     from models.yolo import DetectionModel
-    from utils.checkpoint import checkpoint_dict, save_checkpoint
+    from engine.checkpoint import checkpoint_dict, save_checkpoint
 
     torch.manual_seed(0)
     model = DetectionModel("yolov5n.yaml", nc=len(CLASS_NAMES))

@@ -20,7 +20,7 @@ from models.backbones.mpvit import (
 )
 from models.backbones.mpvit_blocks import CRPE_WINDOWS
 from tests.reference_weights import assert_features_close, load_features, load_keys, official_state
-from utils.memory import training_step_peak_memory
+from engine.memory import training_step_peak_memory
 
 # Backbone widths at strides 4/8/16/32 as the official detectron2 backbone declares them.
 DETECTRON2_CHANNELS = {
@@ -426,7 +426,7 @@ def test_yaml_model_trains_and_evaluates(cfg):
     np.testing.assert_allclose(fused.numpy(), decoded.numpy(), rtol=0, atol=1e-3 * float(decoded.abs().max()))
 
 
-# ---------------------------------------------------------------- training memory (utils/memory.py)
+# ---------------------------------------------------------------- training memory (engine/memory.py)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 import data.builtin as builtin
 from data.builtin import CLASS_NAMES, generate_builtin, grain_tile, render_image
 from data.verify import scan_dataset
+from utils.files import atomic_dir
 
 SMALL = {"train": 24, "val": 6}
 
@@ -83,11 +84,10 @@ def test_ensure_builtin_generates_once(tmp_path, monkeypatch):
 
 def test_losing_a_generation_race_is_harmless(tmp_path):
     winner = generate_builtin(tmp_path / "b", {"train": 2})
-    loser_tmp = tmp_path / ".b-late"
-    loser_tmp.mkdir()
-    (loser_tmp / "x").write_text("late")
-    builtin._move_into_place(loser_tmp, winner)  # the target exists: keep the winner's copy
-    assert (winner / "builtin.yaml").is_file()
+    with atomic_dir(winner, replace=False) as late:  # the target exists by the time this one finishes
+        (late / "x").write_text("late")
+    assert (winner / "builtin.yaml").is_file() and not (winner / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # the loser's folder is gone
 
 
 @pytest.mark.slow

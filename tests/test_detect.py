@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from detect import describe, is_stream, run
+from engine.predictor import describe, is_stream, run
 from detect import main as detect_main
 from models.yolo import DetectionModel
-from utils.checkpoint import checkpoint_dict, save_checkpoint
+from engine.checkpoint import checkpoint_dict, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["a", "b", "c"]

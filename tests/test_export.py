@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.backend as backend_module
+import engine.backend as backend_module
 from export import main as export_main
-from models.backend import InferenceBackend, check_img_size, read_onnx_metadata, read_torchscript_metadata
+from engine.backend import InferenceBackend, check_img_size, read_onnx_metadata, read_torchscript_metadata
 from models.yolo import DetectionModel
-from utils.checkpoint import checkpoint_dict, save_checkpoint
-from utils.export_utils import (
+from engine.checkpoint import checkpoint_dict, save_checkpoint
+from engine.exporter import (
     RELATIVE_TOLERANCE, ExportError, compare_outputs, export_and_verify, export_model, target_path,
 )
 from utils.nms import non_max_suppression
@@ -284,7 +284,7 @@ def test_detect_runs_on_a_fixed_shape_onnx_export(static_export, tmp_path):
     import cv2
     import numpy as np
 
-    from detect import run
+    from engine.predictor import run
 
     _, results = static_export
     folder = tmp_path / "images"

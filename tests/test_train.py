@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import train
-from utils.checkpoint import load_checkpoint
-from utils.trainer import RESULT_COLUMNS
+from engine.checkpoint import load_checkpoint
+from engine.trainer import RESULT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--imgsz", "128", "--batch-size", "8", "--workers", "0", "--noautoanchor"]
@@ -73,7 +73,7 @@ def test_missing_model_is_refused(capsys):
 
 def test_freeze_backbone_freezes_the_backbone_section():
     from models.yolo import DetectionModel
-    from utils.trainer import freeze_layers
+    from engine.weights import freeze_layers
 
     model = DetectionModel("yolov5n.yaml")
     frozen = freeze_layers(model, ["backbone"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import val
-from utils.validator import run_validation
+from engine.evaluation import coco_id_function, evaluate_with_pycocotools
+from engine.validator import ValOptions, Validator
 
 
 class NoisyOracle:
@@ -69,9 +70,9 @@ def test_map_agrees_with_pycocotools_through_the_val_path(tmp_path, tiny_data):
     cfg = check_dataset(str(tiny_data))
     loader, _ = create_dataloader(cfg["val"], 160, 4, 32, rect=True, pad=0.5, workers=0, names=cfg["names"])
     oracle = NoisyOracle(cfg["nc"])
-    results = run_validation(oracle, FeedTargets(loader, oracle), cfg["names"], save_dir=tmp_path, plots=True,
-                             save_json=True, coco_ids=val._coco_ids(cfg))
-    coco = val._evaluate_with_pycocotools(cfg, "val", results, tmp_path)
+    options = ValOptions(save_dir=tmp_path, plots=True, save_json=True)
+    results = Validator(FeedTargets(loader, oracle), cfg["names"], options, coco_ids=coco_id_function(cfg))(oracle)
+    coco = evaluate_with_pycocotools(cfg, "val", results, tmp_path)
     assert 0.3 < results.map < 0.95  # a real, imperfect score
     assert abs(results.map - coco["map50_95"]) <= 0.01
     assert abs(results.map50 - coco["map50"]) <= 0.01
@@ -100,7 +101,7 @@ def test_perfect_predictions_score_one(tmp_path, tiny_data):
             return out
 
     oracle = Perfect(cfg["nc"])
-    results = run_validation(oracle, FeedTargets(loader, oracle), cfg["names"], plots=False)
+    results = Validator(FeedTargets(loader, oracle), cfg["names"], ValOptions(plots=False))(oracle)
     assert results.map50 == pytest.approx(1.0, abs=1e-6) and results.map == pytest.approx(1.0, abs=0.02)
 
 
@@ -134,7 +135,7 @@ def test_half_refused_on_cpu(tiny_data, tiny_checkpoint):
 
 def test_wrong_class_count_is_refused(tmp_path, tiny_data):
     from models.yolo import DetectionModel
-    from utils.checkpoint import checkpoint_dict, save_checkpoint
+    from engine.checkpoint import checkpoint_dict, save_checkpoint
 
     path = save_checkpoint(checkpoint_dict(DetectionModel("yolov5n.yaml", nc=3)), tmp_path / "w.pt")
     with pytest.raises(ValueError, match="predicts 3 classes but dataset"):
@@ -156,7 +157,7 @@ def test_every_model_validates_on_rectangular_batches(cfg, tmp_path, tiny_data):
     loader, dataset = create_dataloader(data["val"], 256, 4, int(model.stride.max()), rect=True, pad=0.5,
                                         workers=0, names=data["names"])
     assert any(h != w for h, w in dataset.batch_shapes)  # the batches really are rectangular
-    results = run_validation(model, loader, data["names"], plots=False, conf_thres=0.01)
+    results = Validator(loader, data["names"], ValOptions(plots=False, conf_thres=0.01))(model)
     assert results.speed[1] > 0 and len(results.maps) == 6
 
 
@@ -164,7 +165,7 @@ def test_every_model_validates_on_rectangular_batches(cfg, tmp_path, tiny_data):
 def test_onnx_export_validates_to_the_same_map_as_the_checkpoint(tmp_path, tiny_data, tiny_checkpoint):
     import shutil
 
-    from utils.export_utils import export_model
+    from engine.exporter import export_model
 
     weights = shutil.copy(tiny_checkpoint, tmp_path / "w.pt")
     onnx_file = export_model(weights, include=("onnx",), imgsz=(160, 160), dynamic=True)["onnx"]

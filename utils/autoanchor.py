@@ -22,7 +22,7 @@ from torch import nn
 
 from utils.optim import de_parallel
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 PREFIX = "AutoAnchor: "
 GOOD_BPR = 0.98  # at or below this the anchors are re-fitted
 

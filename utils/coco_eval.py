@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 import torch
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from utils.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -49,27 +49,6 @@ def yaml_save(path: str | Path, data: dict[str, Any]) -> None:
     """Write `data` as YAML (Paths become strings), atomically."""
     plain = {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
     atomic_write_text(path, yaml.safe_dump(plain, sort_keys=False))
-
-
-def default_file_mode() -> int:
-    """Permissions a plain open() would give a new file (0o666 minus the umask); mkstemp uses 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def increment_path(path: str | Path, exist_ok: bool = False, sep: str = "", mkdir: bool = False) -> Path:

@@ -8,8 +8,9 @@ the number pycocotools reports.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch

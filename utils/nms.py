@@ -7,7 +7,8 @@ network input, exactly what ``DetectionModel`` returns in eval mode. Output rows
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 import torchvision

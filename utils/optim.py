@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 

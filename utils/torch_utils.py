@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 
 def select_device(device: str | int | torch.device = "") -> torch.device:

@@ -1,6 +1,6 @@
 """Peak memory of one training step of a detection model, for comparing backbones.
 
-    python -m utils.memory --cfg yolov5-mpvit.yaml yolov5-fastvit.yaml yolov5s.yaml --imgsz 640 --batch 8
+    python -m engine.memory --cfg yolov5-mpvit.yaml yolov5-fastvit.yaml yolov5s.yaml --imgsz 640 --batch 8
 
 A training step is: forward in train mode on a (batch, 3, imgsz, imgsz) float32 input, a scalar loss
 (the mean square of the raw head outputs; YOLOv5's loss touches only those outputs, so it adds little
@@ -45,7 +45,7 @@ def training_step_peak_memory(cfg: str | Path | dict, imgsz: int = 640, batch: i
     if isinstance(cfg, dict):
         raise TypeError("training_step_peak_memory: on CPU pass a YAML name or path "
                         "(the step runs in a subprocess)")
-    command = [sys.executable, "-m", "utils.memory", _CHILD_FLAG, "--cfg", str(cfg),
+    command = [sys.executable, "-m", "engine.memory", _CHILD_FLAG, "--cfg", str(cfg),
                "--imgsz", str(imgsz), "--batch", str(batch)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:

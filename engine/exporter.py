@@ -3,7 +3,7 @@ every export by running it.
 
 The exported network is the fused/reparameterised `DetectionModel` with `Detect.export` set, so every
 format returns one tensor (B, N, 5 + nc) of decoded rows [x, y, w, h (input pixels), obj, cls...] --
-exactly what `models.backend.InferenceBackend` returns for a checkpoint.
+exactly what `engine.backend.InferenceBackend` returns for a checkpoint.
 
 Each file carries its metadata (stride, class names, input shape, dynamic, half, the source weights):
 ONNX in `metadata_props` (JSON-encoded values), TorchScript in `_extra_files['config.txt']` (JSON),
@@ -27,9 +27,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,13 +37,17 @@ from typing import Any
 import torch
 import yaml
 
-from models.backend import (
-    TORCHSCRIPT_METADATA, InferenceBackend, check_img_size, read_onnx_metadata, read_torchscript_metadata,
+from engine.backend import (
+    TORCHSCRIPT_METADATA,
+    InferenceBackend,
+    check_img_size,
+    read_onnx_metadata,
+    read_torchscript_metadata,
 )
-from utils.general import default_file_mode
+from utils.files import atomic_dir, atomic_path, temp_name_beside
 from utils.torch_utils import select_device
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 EXPORTER = "vitdet"  # written into every export; marks files this project may overwrite
 FORMATS = ("torchscript", "onnx", "openvino")
@@ -137,14 +138,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _temp_path(target: Path) -> Path:
-    """A fresh hidden file beside `target` with the same suffix (the backend picks the kind by suffix)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
-    os.close(fd)
-    os.chmod(tmp, default_file_mode())  # the renamed export gets ordinary permissions, not mkstemp's 0o600
-    return Path(tmp)
-
-
 def _sample(shape: Sequence[int], device: torch.device, half: bool) -> torch.Tensor:
     """Seeded uniform [0, 1) images: the same sample for every format and every run."""
     generator = torch.Generator().manual_seed(SAMPLE_SEED)
@@ -166,7 +159,7 @@ def _quiet_tracing():
 # -- the model to export ------------------------------------------------------------------------------
 def load_export_model(weights: Path, device: torch.device, half: bool):
     """Our checkpoint as a fused, frozen DetectionModel that returns only the decoded tensor."""
-    from utils.checkpoint import load_detection_model
+    from engine.checkpoint import load_detection_model
 
     model = load_detection_model(weights, device, fuse=False)
     with torch.no_grad():  # folding must not record autograd history into the new weights
@@ -236,7 +229,7 @@ def write_openvino(model, sample: torch.Tensor, tmp_dir: Path, meta: dict[str, A
     """OpenVINO IR (<stem>.xml/.bin) converted from an ONNX export, plus metadata.yaml."""
     import openvino as ov
 
-    onnx_file = _temp_path(tmp_dir / f"{stem}.onnx")
+    onnx_file = temp_name_beside(tmp_dir / f"{stem}.onnx", keep_suffix=True)
     try:
         write_onnx(model, sample, onnx_file, meta, opset, dynamic, simplify=False)
         ov.save_model(ov.convert_model(str(onnx_file)), str(tmp_dir / f"{stem}.xml"), compress_to_fp16=False)
@@ -296,35 +289,24 @@ def _verification_cases(model, shape: Sequence[int], dynamic: bool, device: torc
 def _export_file(fmt: str, target: Path, write: Callable[[Path], None], run_file: Callable[[Path], Callable],
                  cases) -> ExportResult:
     """Write to a temp file, verify it, then rename it over `target`; the temp file never survives."""
-    tmp = _temp_path(target)
-    try:
-        write(tmp)
-        checks = verify(fmt, run_file(tmp), cases)
-        os.replace(tmp, target)
-    except ExportError:
-        raise
-    except Exception as err:
-        raise ExportError(f"{fmt} export of {target.name} failed: {type(err).__name__}: {err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    return ExportResult(target, checks)
+    return _export_atomically(fmt, target, atomic_path(target, keep_suffix=True), write, run_file, cases)
 
 
 def _export_dir(fmt: str, target: Path, write: Callable[[Path], None], run_dir: Callable[[Path], Callable],
                 cases) -> ExportResult:
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    """As _export_file for a folder (check_overwrite already confirmed a previous one is our export)."""
+    return _export_atomically(fmt, target, atomic_dir(target), write, run_dir, cases)
+
+
+def _export_atomically(fmt: str, target: Path, temp, write, run, cases) -> ExportResult:
     try:
-        write(tmp)
-        checks = verify(fmt, run_dir(tmp), cases)
-        if target.exists():
-            shutil.rmtree(target)  # check_overwrite already confirmed it is our previous export
-        os.replace(tmp, target)
+        with temp as tmp:
+            write(tmp)
+            checks = verify(fmt, run(tmp), cases)
     except ExportError:
         raise
     except Exception as err:
         raise ExportError(f"{fmt} export of {target.name} failed: {type(err).__name__}: {err}") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(target, checks)
 
 

@@ -7,7 +7,7 @@
 The three kinds give the same decoded rows (what `DetectionModel` returns in eval mode), so NMS and
 everything after it never needs to know which file was loaded. Exported files carry their stride and
 class names as metadata (ONNX `metadata_props`; TorchScript `_extra_files['config.txt']`, JSON), written
-by `utils.export_utils`.
+by `engine.exporter`.
 
 Fixed-shape exports (everything exported without `--dynamic`) only accept their exported height and
 width; a batch of another size is run in chunks of the exported batch size (the last chunk padded),
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from utils.torch_utils import select_device
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 KINDS = {".pt": "pytorch", ".torchscript": "torchscript", ".onnx": "onnx"}
 TORCHSCRIPT_METADATA = "config.txt"  # name of the TorchScript extra file holding the JSON metadata
@@ -133,7 +133,7 @@ class _PyTorchRunner:
     """One of our checkpoints, rebuilt as a DetectionModel (EMA weights when present)."""
 
     def __init__(self, path: Path, device: torch.device, fp16: bool, fuse: bool):
-        from utils.checkpoint import load_detection_model
+        from engine.checkpoint import load_detection_model
 
         model = load_detection_model(path, device, fuse=False)
         if fuse:

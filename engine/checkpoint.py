@@ -9,16 +9,14 @@ temporary file that is renamed over the target, so a kill during a save never le
 from __future__ import annotations
 
 import copy
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from utils.general import default_file_mode
+from utils.files import atomic_open
 
 CHECKPOINT_FORMAT = 1
 
@@ -42,21 +40,10 @@ def checkpoint_dict(model, ema=None, **fields: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """torch.save into a temp file beside `path`, fsync, then rename over it (utils.files.atomic_open)."""
+    with atomic_open(path, "wb", fsync=True) as f:
+        torch.save(ckpt, f)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -20,7 +20,7 @@ from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
 from utils.nms import non_max_suppression
 from utils.torch_utils import time_sync
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
 TABLE_HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 ROW_FORMAT = "%22s" + "%11i" * 2 + "%11.3g" * 4
@@ -101,84 +101,130 @@ def _output_to_target(preds: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(rows, 0) if rows else torch.zeros(0, 7)
 
 
-@torch.no_grad()
-def run_validation(
-    model,
-    dataloader,
-    names: list[str],
-    conf_thres: float = 0.001,
-    iou_thres: float = 0.6,
-    max_det: int = 300,
-    half: bool = False,
-    augment: bool = False,
-    single_cls: bool = False,
-    save_dir: Path | None = None,
-    plots: bool = True,
-    save_txt: bool = False,
-    save_conf: bool = False,
-    save_json: bool = False,
-    compute_loss=None,
-    verbose: bool = False,
-    training: bool = False,
-    coco_ids=None,
-) -> ValResults:
-    """Validate `model` on `dataloader`; returns metrics and timings, writes plots/json into save_dir.
+@dataclass
+class ValOptions:
+    """How to validate: NMS thresholds, precision and what to write into `save_dir`.
 
-    coco_ids: callable(path) -> COCO image id used for --save-json (and class_map attribute, optional).
+    training=True is the per-epoch validation inside train.py (quieter log, no speed line).
     """
-    device = _device_of(model)
-    nc = 1 if single_cls else len(names)
-    iouv = IOU_THRESHOLDS.to(device)
-    confusion = ConfusionMatrix(nc=nc)
-    acc = _Accumulator()
-    loss = torch.zeros(3, device=device)
-    dt = [0.0, 0.0, 0.0]
-    bar = tqdm(dataloader, desc=TABLE_HEADER, bar_format="{l_bar}{bar:10}{r_bar}")
-    for batch_i, (im, targets, paths, shapes) in enumerate(bar):
+
+    conf_thres: float = 0.001
+    iou_thres: float = 0.6
+    max_det: int = 300
+    half: bool = False
+    augment: bool = False
+    single_cls: bool = False
+    save_dir: Path | None = None
+    plots: bool = True
+    save_txt: bool = False
+    save_conf: bool = False
+    save_json: bool = False
+    verbose: bool = False
+    training: bool = False
+
+
+class Validator:
+    """Validates models on one dataloader: `Validator(loader, names, ValOptions(...))(model)`.
+
+    The model is a DetectionModel or an InferenceBackend; it returns decoded boxes (and the raw maps
+    when it can, for the validation loss of `compute_loss`). coco_ids: callable(path) -> COCO image
+    id used for --save-json (with an optional `class_map` attribute).
+    """
+
+    def __init__(self, dataloader, names: list[str], options: ValOptions | None = None, compute_loss=None,
+                 coco_ids=None):
+        self.dataloader, self.names = dataloader, list(names)
+        self.options = options or ValOptions()
+        self.compute_loss, self.coco_ids = compute_loss, coco_ids
+        self.nc = 1 if self.options.single_cls else len(self.names)
+
+    @torch.no_grad()
+    def __call__(self, model) -> ValResults:
+        o = self.options
+        device = _device_of(model)
+        run = _Run(acc=_Accumulator(), confusion=ConfusionMatrix(nc=self.nc), iouv=IOU_THRESHOLDS.to(device),
+                   loss=torch.zeros(3, device=device))
+        bar = tqdm(self.dataloader, desc=TABLE_HEADER, bar_format="{l_bar}{bar:10}{r_bar}")
+        for batch_i, batch in enumerate(bar):
+            im, preds, targets = self._batch(model, batch, device, run)
+            self._record(preds, targets, batch, im, run)
+            if o.plots and o.save_dir is not None and batch_i < 3:
+                self._plot_batch(batch_i, im, targets, batch[2], preds)
+        return self._results(run)
+
+    def _batch(self, model, batch, device: torch.device, run: _Run):
+        """Pre-process, infer and suppress one batch; adds the stage times and the loss to `run`."""
+        o = self.options
+        im, targets, _, _ = batch
         t0 = time_sync(device)
         im = im.to(device, non_blocking=True)
-        im = (im.half() if half else im.float()) / 255
+        im = (im.half() if o.half else im.float()) / 255
         targets = targets.to(device)
-        nb, _, height, width = im.shape
         t1 = time_sync(device)
-        preds, train_out = _forward(model, im, augment)
+        preds, train_out = _forward(model, im, o.augment)
         t2 = time_sync(device)
-        if compute_loss is not None and train_out is not None:
-            loss += compute_loss([x.float() for x in train_out], targets)[1]
+        if self.compute_loss is not None and train_out is not None:
+            run.loss += self.compute_loss([x.float() for x in train_out], targets)[1]
+        height, width = im.shape[2:]
         targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
-        preds = non_max_suppression(preds, conf_thres, iou_thres, multi_label=True, agnostic=single_cls,
-                                    max_det=max_det)
+        preds = non_max_suppression(preds, o.conf_thres, o.iou_thres, multi_label=True, agnostic=o.single_cls,
+                                    max_det=o.max_det)
         t3 = time_sync(device)
-        dt = [dt[0] + t1 - t0, dt[1] + t2 - t1, dt[2] + t3 - t2]
+        run.dt = [run.dt[0] + t1 - t0, run.dt[1] + t2 - t1, run.dt[2] + t3 - t2]
+        run.shape = tuple(im.shape)
+        return im, preds, targets
+
+    def _record(self, preds, targets, batch, im, run: _Run) -> None:
+        """Match each image's predictions to its labels; write its txt/json rows when asked."""
+        o = self.options
+        _, _, paths, shapes = batch
         for si, pred in enumerate(preds):
-            if single_cls:
+            if o.single_cls:
                 pred[:, 5] = 0
             labels = targets[targets[:, 0] == si, 1:]
-            acc.seen += 1
-            stats, predn = _image_stats(pred, labels, im[si].shape[1:], shapes[si][0], shapes[si][1], iouv,
-                                        confusion)
-            acc.stats.append(stats)
-            if save_txt and save_dir is not None:
-                _save_txt(predn, shapes[si][0], save_dir / "labels" / f"{Path(paths[si]).stem}.txt", save_conf)
-            if save_json and coco_ids is not None:
-                _append_json(acc.json_rows, predn, coco_ids(paths[si]), getattr(coco_ids, "class_map", None))
-        if plots and save_dir is not None and batch_i < 3:
-            from utils.plots import plot_images
+            run.acc.seen += 1
+            stats, predn = _image_stats(pred, labels, im[si].shape[1:], shapes[si][0], shapes[si][1], run.iouv,
+                                        run.confusion)
+            run.acc.stats.append(stats)
+            if o.save_txt and o.save_dir is not None:
+                _save_txt(predn, shapes[si][0], o.save_dir / "labels" / f"{Path(paths[si]).stem}.txt", o.save_conf)
+            if o.save_json and self.coco_ids is not None:
+                _append_json(run.acc.json_rows, predn, self.coco_ids(paths[si]),
+                             getattr(self.coco_ids, "class_map", None))
 
-            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
-            plot_images(im, _output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
-    results = _summarise(acc, nc, names, plots, save_dir, verbose, training)
-    results.losses = (loss.cpu() / max(len(dataloader), 1)).tolist()
-    results.speed = tuple(t / max(acc.seen, 1) * 1e3 for t in dt)
-    if plots and save_dir is not None:
-        confusion.plot(save_dir=save_dir, names=names)
-    if not training:
-        shape = (getattr(dataloader, "batch_size", 1), 3, height, width) if acc.seen else ()
-        LOGGER.info("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape %s"
-                    % (*results.speed, shape))
-    if save_json and save_dir is not None:
-        results.json_path = _write_json(acc.json_rows, save_dir)
-    return results
+    def _plot_batch(self, batch_i: int, im, targets, paths, preds) -> None:
+        from utils.plots import plot_images
+
+        save_dir = self.options.save_dir
+        plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", self.names)
+        plot_images(im, _output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", self.names)
+
+    def _results(self, run: _Run) -> ValResults:
+        o = self.options
+        results = _summarise(run.acc, self.nc, self.names, o.plots, o.save_dir, o.verbose, o.training)
+        results.losses = (run.loss.cpu() / max(len(self.dataloader), 1)).tolist()
+        results.speed = tuple(t / max(run.acc.seen, 1) * 1e3 for t in run.dt)
+        if o.plots and o.save_dir is not None:
+            run.confusion.plot(save_dir=o.save_dir, names=self.names)
+        if not o.training:
+            shape = (getattr(self.dataloader, "batch_size", 1), *run.shape[1:]) if run.acc.seen else ()
+            LOGGER.info("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape %s"
+                        % (*results.speed, shape))
+        if o.save_json and o.save_dir is not None:
+            results.json_path = _write_json(run.acc.json_rows, o.save_dir)
+        return results
+
+
+@dataclass
+class _Run:
+    """The running totals of one validation pass."""
+
+    acc: _Accumulator
+    confusion: ConfusionMatrix
+    iouv: torch.Tensor
+    loss: torch.Tensor
+    dt: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    shape: tuple[int, ...] = ()
 
 
 def _device_of(model) -> torch.device:

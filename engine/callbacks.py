@@ -1,0 +1,232 @@
+"""Callbacks on the training loop: everything the loop does besides training and validating.
+
+The loop (engine/trainer.py) calls each callback at six points, in the order they were added:
+
+    before_train(trainer)   after setup (model, optimiser, loaders, resume) and before epoch 0
+    before_epoch(trainer)   trainer.epoch is the epoch about to run
+    before_step(trainer)    trainer.batch = (images uint8 -> float [0, 1], targets, paths), trainer.step
+    after_step(trainer)     trainer.loss_items (box, obj, cls) of this batch, trainer.mean_losses so far
+    after_epoch(trainer)    trainer.val_results (or None), trainer.fitness, trainer.best_fitness and
+                            trainer.lrs are set; set trainer.stop_requested = True to end training
+    after_train(trainer)    after the last epoch and the final validation of best.pt
+
+A callback subclasses `Callback` and overrides the points it needs:
+
+    class PrintFitness(Callback):
+        def after_epoch(self, trainer):
+            print(trainer.epoch, trainer.fitness)
+
+    Trainer(options, device, callbacks=[PrintFitness()]).run()
+
+A callback with state that must survive a resume offers `state_dict()` / `load_state_dict()` and a
+`state_key`; the trainer stores it in the checkpoint under that key. The built-in ones below log the
+progress, write results.csv and TensorBoard scalars, draw plots, stop early and save checkpoints.
+Only the main process (rank 0 or a single process) gets the callbacks that write files.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.checkpoint import save_checkpoint
+
+if TYPE_CHECKING:
+    from engine.trainer import Trainer
+
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
+RESULT_COLUMNS = (
+    "epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
+    "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
+    "x/lr0", "x/lr1", "x/lr2",
+)
+
+
+class Callback:
+    """No-op hooks; subclasses override the ones they need (see the module docstring)."""
+
+    state_key: str | None = None  # set together with state_dict/load_state_dict to be checkpointed
+
+    def before_train(self, trainer: Trainer) -> None: ...
+
+    def before_epoch(self, trainer: Trainer) -> None: ...
+
+    def before_step(self, trainer: Trainer) -> None: ...
+
+    def after_step(self, trainer: Trainer) -> None: ...
+
+    def after_epoch(self, trainer: Trainer) -> None: ...
+
+    def after_train(self, trainer: Trainer) -> None: ...
+
+
+class ProgressLog(Callback):
+    """YOLOv5's per-epoch progress bar (losses, instances, size) and the epoch's images/s."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.started = self.train_started = 0.0
+        self.images = 0
+
+    def before_train(self, trainer: Trainer) -> None:
+        o = trainer.options
+        self.train_started = time.time()
+        LOGGER.info(f"Image sizes {o.imgsz} train, {o.imgsz} val\nStarting training for {o.epochs} "
+                    f"epochs...\nLogging results to {trainer.save_dir}")
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
+        self.bar = tqdm(total=trainer.batches_per_epoch, bar_format="{l_bar}{bar:10}{r_bar}")
+        self.started, self.images = time.time(), 0
+
+    def after_step(self, trainer: Trainer) -> None:
+        images, targets, _ = trainer.batch
+        self.images += images.shape[0]
+        mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
+        self.bar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
+            f"{trainer.epoch}/{trainer.options.epochs - 1}", mem, *trainer.mean_losses.tolist(), targets.shape[0],
+            images.shape[-1]))
+        self.bar.update(1)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self.bar.close()
+        rate = self.images * trainer.world_size / max(time.time() - self.started, 1e-9)
+        LOGGER.info(f"epoch {trainer.epoch}: {rate:.1f} train images/s")
+
+    def after_train(self, trainer: Trainer) -> None:
+        epochs = trainer.epoch - trainer.start_epoch + 1
+        LOGGER.info(f"{epochs} epochs completed in {(time.time() - self.train_started) / 3600:.3f} hours.")
+
+
+class ResultsCSV(Callback):
+    """results.csv: one row per epoch in YOLOv5's columns (losses, P, R, mAPs, val losses, lrs)."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        file = trainer.save_dir / "results.csv"
+        new = not file.exists()
+        with open(file, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(RESULT_COLUMNS)
+            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in epoch_values(trainer)])
+
+
+def epoch_values(trainer: Trainer) -> list:
+    """[epoch, 3 train losses, P, R, mAP50, mAP50-95, 3 val losses, lrs] of the epoch just ended."""
+    row = trainer.val_results.as_row() if trainer.val_results is not None else [0.0] * 7
+    return [trainer.epoch, *trainer.mean_losses.tolist(), *row, *trainer.lrs]
+
+
+class TensorBoardLog(Callback):
+    """The results.csv columns as TensorBoard scalars in the run folder (when tensorboard is installed)."""
+
+    def __init__(self) -> None:
+        self.writer = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            LOGGER.info("tensorboard is not installed: no TensorBoard logs (results.csv has the same numbers)")
+            return
+        self.writer = SummaryWriter(str(trainer.save_dir))
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if self.writer is not None:
+            for key, value in zip(RESULT_COLUMNS[1:], epoch_values(trainer)[1:]):
+                self.writer.add_scalar(key, value, trainer.epoch)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Plots(Callback):
+    """labels.jpg (a fresh run only), the first three training mosaics and results.png at the end."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        if trainer.start_epoch == 0:
+            from utils.plots import plot_labels
+
+            labels = [lb for lb in trainer.train_set.labels if len(lb)]
+            plot_labels(np.concatenate(labels or [np.zeros((0, 5))], 0), trainer.names, trainer.save_dir)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.step < 3:
+            from utils.plots import plot_images
+
+            images, targets, paths = trainer.batch
+            plot_images(images, targets, paths, trainer.save_dir / f"train_batch{trainer.step}.jpg", trainer.names)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if (trainer.save_dir / "results.csv").exists():
+            from utils.plots import plot_results
+
+            plot_results(trainer.save_dir / "results.csv")
+
+
+class EarlyStopping(Callback):
+    """Stop when fitness has not improved for `patience` epochs (0 disables); its state is checkpointed,
+    so a resumed run stops at the same epoch as an unbroken one."""
+
+    state_key = "early_stopping"
+
+    def __init__(self, patience: int = 30):
+        self.best_fitness, self.best_epoch = 0.0, 0
+        self.patience = patience or float("inf")
+        self.possible_stop = False  # the next epoch may be the last: the loop validates it
+
+    def update(self, epoch: int, fitness_value: float) -> bool:
+        """Record this epoch's fitness; True when training should stop."""
+        if fitness_value >= self.best_fitness:
+            self.best_epoch, self.best_fitness = epoch, fitness_value
+        delta = epoch - self.best_epoch
+        self.possible_stop = delta >= (self.patience - 1)
+        return delta >= self.patience
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if self.update(trainer.epoch, trainer.fitness):
+            LOGGER.info(f"Stopping training early as no improvement observed in last {self.patience} epochs. "
+                        f"Best results observed at epoch {self.best_epoch}.")
+            trainer.stop_requested = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_fitness": self.best_fitness, "best_epoch": self.best_epoch,
+                "possible_stop": self.possible_stop}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_fitness = float(state["best_fitness"])
+        self.best_epoch = int(state["best_epoch"])
+        self.possible_stop = bool(state["possible_stop"])
+
+
+class Checkpointer(Callback):
+    """weights/last.pt every epoch, best.pt when fitness reached a new best, epochN.pt every
+    --save-period epochs; with --nosave only the final epoch. Add it after EarlyStopping so that its
+    checkpoint holds the early-stopping state of this epoch."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        o = trainer.options
+        if o.nosave and not trainer.is_final_epoch():
+            return
+        ckpt = trainer.checkpoint()
+        save_checkpoint(ckpt, trainer.weights_dir / "last.pt")
+        if trainer.best_fitness == trainer.fitness:
+            save_checkpoint(ckpt, trainer.weights_dir / "best.pt")
+        if o.save_period > 0 and trainer.epoch % o.save_period == 0:
+            save_checkpoint(ckpt, trainer.weights_dir / f"epoch{trainer.epoch}.pt")
+
+
+def default_callbacks(trainer: Trainer) -> list[Callback]:
+    """The built-in callbacks of the main process, in order (other DDP ranks get none: rank 0 validates,
+    decides to stop, and writes every file)."""
+    if not trainer.is_main:
+        return []
+    plots = [] if trainer.options.noplots else [Plots()]
+    return [ProgressLog(), ResultsCSV(), TensorBoardLog(), *plots, trainer.stopper, Checkpointer()]

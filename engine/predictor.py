@@ -1,0 +1,325 @@
+"""The predictor behind detect.py: run a detector on images, videos, webcams and streams and save
+annotated media, labels, crops and a CSV.
+
+    from engine.predictor import PredictOptions, predict
+    save_dir = predict(PredictOptions(weights="best.pt", source="images/", save_txt=True))
+
+--source takes an image, a folder, a glob, a .txt list of files, a video, a webcam index, an
+rtsp/rtmp/http(s) URL (read as a stream) or a .streams file listing several. Results go to
+runs/detect/exp, exp2, ...: annotated images (same name), annotated videos (<stem>.mp4, 'mp4v', the
+source's fps and frame size; with --vid-stride N only every N-th frame is written, at the source fps
+as YOLOv5 does), labels/<stem>.txt (labels/<stem>_<frame>.txt for video frames; one line per box:
+class x_centre y_centre width height, normalised to [0, 1], then conf with --save-conf),
+crops/<class name>/<stem>.jpg and predictions.csv (image, frame, class_id, class_name, confidence,
+x1, y1, x2, y2 in pixels of the original image).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from data.sources import LoadImages, LoadStreams, expand_source
+from engine.backend import InferenceBackend, check_img_size
+from utils.boxes import scale_boxes, xyxy2xywh
+from utils.general import increment_path
+from utils.nms import non_max_suppression
+from utils.plots import Annotator, colors, save_one_box
+from utils.torch_utils import time_sync
+
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
+STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://")
+CSV_HEADER = ("image", "frame", "class_id", "class_name", "confidence", "x1", "y1", "x2", "y2")
+
+
+@dataclass
+class SaveOptions:
+    """What to write for each image or frame, and how to draw it."""
+
+    save_dir: Path
+    save_img: bool
+    save_txt: bool
+    save_conf: bool
+    save_crop: bool
+    save_csv: bool
+    view_img: bool
+    line_thickness: int
+    hide_labels: bool
+    hide_conf: bool
+
+
+class ResultWriter:
+    """Writes one image's or frame's detections as annotated image/video, labels, crops and CSV rows.
+
+    det: (k, 6) [x1, y1, x2, y2 (pixels of im0), conf, cls]; im0: the original BGR (H, W, 3) image.
+    """
+
+    def __init__(self, options: SaveOptions, names: Sequence[str]):
+        self.options, self.names = options, list(names)
+        self.videos: dict[int, tuple[Path, cv2.VideoWriter]] = {}  # per source index: (path, writer)
+        self.label_files: set[Path] = set()
+        self.csv_path = options.save_dir / "predictions.csv"
+
+    def write(self, det: torch.Tensor, im0: np.ndarray, path: Path, frame: int, video: bool, index: int,
+              fps: float) -> None:
+        o = self.options
+        crop_source = im0.copy() if o.save_crop else None
+        stem = f"{path.stem}_{frame}" if video else path.stem
+        if o.save_txt and len(det):
+            self._write_labels(det, im0.shape, o.save_dir / "labels" / f"{stem}.txt")
+        if o.save_csv and len(det):
+            self._write_csv(det, path.name, frame if video else 0)
+        if crop_source is not None:
+            self._write_crops(det, crop_source, path.stem)
+        annotated = self._annotate(det, im0) if (o.save_img or o.view_img) else im0
+        if o.view_img:
+            cv2.imshow(str(path), annotated)
+            cv2.waitKey(1)
+        if o.save_img and video:
+            self._write_video_frame(index, o.save_dir / f"{path.stem}.mp4", annotated, fps)
+        elif o.save_img and not cv2.imwrite(str(o.save_dir / path.name), annotated):
+            LOGGER.warning(f"{o.save_dir / path.name}: could not be written")
+
+    def _annotate(self, det: torch.Tensor, im0: np.ndarray) -> np.ndarray:
+        annotator = Annotator(im0, line_width=self.options.line_thickness, example=str(self.names))
+        for *xyxy, conf, cls in reversed(det.tolist()):
+            c = int(cls)
+            annotator.box_label(xyxy, self._label(c, conf), color=colors(c, bgr=True))
+        return annotator.result()
+
+    def _label(self, c: int, conf: float) -> str:
+        if self.options.hide_labels:
+            return ""
+        return self.names[c] if self.options.hide_conf else f"{self.names[c]} {conf:.2f}"
+
+    def _write_labels(self, det: torch.Tensor, shape: tuple[int, ...], file: Path) -> None:
+        """YOLO lines: class x y w h normalised by the original image size (+ conf with --save-conf)."""
+        gain = torch.tensor(shape)[[1, 0, 1, 0]].float()
+        lines = []
+        for *xyxy, conf, cls in det.tolist():
+            xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gain).view(-1).tolist()
+            values = (int(cls), *xywh, conf) if self.options.save_conf else (int(cls), *xywh)
+            lines.append(" ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with open(file, "a") as f:  # append: two sources with the same stem share one file, as YOLOv5
+            f.write("\n".join(lines) + "\n")
+        self.label_files.add(file)
+
+    def _write_csv(self, det: torch.Tensor, image_name: str, frame: int) -> None:
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(CSV_HEADER)
+            for x1, y1, x2, y2, conf, cls in det.tolist():
+                writer.writerow((image_name, frame, int(cls), self.names[int(cls)], f"{conf:.4f}",
+                                 *(f"{v:.1f}" for v in (x1, y1, x2, y2))))
+
+    def _write_crops(self, det: torch.Tensor, image: np.ndarray, stem: str) -> None:
+        for *xyxy, _, cls in det.tolist():
+            file = self.options.save_dir / "crops" / self.names[int(cls)] / f"{stem}.jpg"
+            try:
+                save_one_box(xyxy, image, file=file, BGR=True)
+            except ValueError as err:  # a box squeezed to nothing by clipping has no pixels to save
+                LOGGER.warning(f"crop skipped: {err}")
+
+    def _write_video_frame(self, index: int, save_path: Path, frame: np.ndarray, fps: float) -> None:
+        current = self.videos.get(index)
+        if current is None or current[0] != save_path:
+            if current is not None:
+                current[1].release()
+            h, w = frame.shape[:2]
+            writer = cv2.VideoWriter(str(save_path), cv2.VideoWriter_fourcc(*"mp4v"), fps or 30.0, (w, h))
+            if not writer.isOpened():
+                raise RuntimeError(f"{save_path}: cannot open an 'mp4v' video writer ({w}x{h} at {fps} fps)")
+            self.videos[index] = current = (save_path, writer)
+        current[1].write(frame)
+
+    def close(self) -> None:
+        for _, writer in self.videos.values():
+            writer.release()
+        self.videos.clear()
+        if self.options.view_img:
+            cv2.destroyAllWindows()
+
+
+def is_stream(source: str) -> bool:
+    """Webcam index, rtsp/rtmp/http(s) URL or a .streams list: read live with LoadStreams."""
+    return source.isnumeric() or source.endswith(".streams") or source.lower().startswith(STREAM_PREFIXES)
+
+
+def can_show_images() -> bool:
+    """True when cv2.imshow works here (a GUI build of OpenCV and a display)."""
+    has_display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if sys.platform.startswith("linux") and not has_display:
+        return False
+    try:
+        cv2.imshow("check", np.zeros((8, 8, 3), np.uint8))
+        cv2.waitKey(1)
+        cv2.destroyAllWindows()
+        return True
+    except cv2.error:
+        return False
+
+
+def _check_classes(classes: Sequence[int] | None, names: Sequence[str]) -> list[int] | None:
+    if classes is None:
+        return None
+    bad = [c for c in classes if not 0 <= int(c) < len(names)]
+    if bad:
+        raise ValueError(f"--classes {' '.join(map(str, bad))}: the model has {len(names)} classes "
+                         f"(0..{len(names) - 1}: {', '.join(names)})")
+    return [int(c) for c in classes]
+
+
+def _input_size(backend: InferenceBackend, imgsz: int | Sequence[int]) -> tuple[int, int]:
+    """--imgsz rounded to the stride; a fixed-shape export dictates its own size."""
+    size = check_img_size(imgsz, backend.stride)
+    if backend.fixed_shape and size != tuple(backend.fixed_shape[1:]):
+        fixed = tuple(backend.fixed_shape[1:])
+        LOGGER.warning(f"{backend.weights} was exported for {fixed[0]}x{fixed[1]}; using that instead of "
+                       f"--imgsz {size[0]} {size[1]}")
+        size = fixed
+    return size
+
+
+def describe(det: torch.Tensor, names: Sequence[str]) -> str:
+    """'2 car, 1 person, ' (classes in id order) or '(no detections), '."""
+    if not len(det):
+        return "(no detections), "
+    counts = Counter(int(c) for c in det[:, 5].tolist())
+    return "".join(f"{n} {names[c]}, " for c, n in sorted(counts.items()))
+
+
+@dataclass
+class PredictOptions:
+    """Everything detect.py's flags say: the model, the source, thresholds and what to save."""
+
+    weights: str | Path
+    source: str | Path
+    imgsz: int | Sequence[int] = (640, 640)
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    max_det: int = 1000
+    device: str = ""
+    view_img: bool = False
+    save_txt: bool = False
+    save_conf: bool = False
+    save_crop: bool = False
+    save_csv: bool = False
+    nosave: bool = False
+    classes: Sequence[int] | None = None
+    agnostic_nms: bool = False
+    augment: bool = False
+    project: str | Path = "runs/detect"
+    name: str = "exp"
+    exist_ok: bool = False
+    line_thickness: int = 3
+    hide_labels: bool = False
+    hide_conf: bool = False
+    half: bool = False
+    vid_stride: int = 1
+
+    def save_options(self, save_dir: Path, view_img: bool) -> SaveOptions:
+        return SaveOptions(save_dir, not self.nosave, self.save_txt, self.save_conf, self.save_crop,
+                           self.save_csv, view_img, self.line_thickness, self.hide_labels, self.hide_conf)
+
+    def nms_options(self, classes: list[int] | None) -> dict:
+        return dict(conf_thres=self.conf_thres, iou_thres=self.iou_thres, classes=classes,
+                    agnostic=self.agnostic_nms, max_det=self.max_det)
+
+
+def run(weights: str | Path, source: str | Path, **options) -> Path:
+    """detect.py's `run(weights, source, conf_thres=..., ...)`: the fields of PredictOptions."""
+    return predict(PredictOptions(weights, source, **options))
+
+
+def predict(opt: PredictOptions) -> Path:
+    """Detect objects in `opt.source` with `opt.weights` (.pt, .torchscript or .onnx); returns the
+    results folder.
+
+    Raises FileNotFoundError naming a missing source or weights file, ValueError for bad options
+    (--half on the CPU, --classes out of range), ConnectionError for a stream that cannot be opened.
+    """
+    source = str(opt.source)
+    if opt.vid_stride < 1:
+        raise ValueError(f"--vid-stride {opt.vid_stride}: must be >= 1")
+    stream = is_stream(source)
+    if not stream:
+        expand_source(source)  # fail fast on a missing source, before loading any weights
+    backend = InferenceBackend(opt.weights, device=opt.device, fp16=opt.half)
+    classes = _check_classes(opt.classes, backend.names)
+    size = _input_size(backend, opt.imgsz)
+    view_img = opt.view_img
+    if view_img and not can_show_images():
+        LOGGER.warning("--view-img: no display or a headless OpenCV build here; images will not be shown")
+        view_img = False
+    loader = LoadStreams if stream else LoadImages
+    # auto: minimal letterbox padding only when the backend accepts any size
+    dataset = loader(source, img_size=size, stride=backend.stride, auto=backend.dynamic,
+                     vid_stride=opt.vid_stride)
+    save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
+    writer = ResultWriter(opt.save_options(save_dir, view_img), backend.names)
+    backend.warmup((len(dataset) if stream else 1, 3, *size))
+    try:
+        nms = opt.nms_options(classes)
+        times, seen, shape = _detect_loop(backend, dataset, writer, nms, opt.augment, stream)
+    finally:
+        writer.close()
+    _log_summary(times, seen, shape, save_dir, writer)
+    return save_dir
+
+
+def _detect_loop(backend, dataset, writer: ResultWriter, nms: dict, augment: bool, stream: bool):
+    """Pre-process, infer, suppress and write every image/frame; returns (stage times, images, shape)."""
+    times, seen, shape = [0.0, 0.0, 0.0], 0, None
+    for path, im, im0s, vid_cap, status in dataset:
+        t0 = time_sync(backend.device)
+        x = torch.from_numpy(im).to(backend.device).float() / 255  # uint8 0-255 -> float 0-1
+        x = x[None] if x.dim() == 3 else x
+        t1 = time_sync(backend.device)
+        pred = backend(x, augment=augment)
+        t2 = time_sync(backend.device)
+        dets = non_max_suppression(pred, **nms)
+        t3 = time_sync(backend.device)
+        for stage, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+            times[stage] += dt
+        shape = tuple(x.shape)
+        for i, det in enumerate(dets):
+            seen += 1
+            context = _frame_context(dataset, stream, i, path, im0s, vid_cap, status)
+            p, im0, frame, video, fps, prefix = context
+            det[:, :4] = scale_boxes(x.shape[2:], det[:, :4], im0.shape).round()  # to original pixels
+            writer.write(det, im0, p, frame, video, i, fps)
+            size = f"{x.shape[2]}x{x.shape[3]}"
+            LOGGER.info(f"{prefix}{size} {describe(det, backend.names)}{(t2 - t1) * 1e3:.1f}ms")
+    return times, seen, shape
+
+
+def _frame_context(dataset, stream: bool, i: int, path, im0s, vid_cap, status: str):
+    """(path, copy of the original image, frame number, is-video, fps, log prefix) of batch item i."""
+    if stream:
+        return Path(path[i]), im0s[i].copy(), dataset.count, True, dataset.fps[i], f"{i}: "
+    video = dataset.mode == "video"
+    fps = vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap is not None else 0.0
+    return Path(path), im0s.copy(), dataset.frame if video else 0, video, fps, status
+
+
+def _log_summary(times: list[float], seen: int, shape, save_dir: Path, writer: ResultWriter) -> None:
+    if seen:
+        pre, infer, nms = (t / seen * 1e3 for t in times)
+        LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {infer:.1f}ms inference, {nms:.1f}ms NMS per image "
+                    f"at shape {shape}")
+    labels = len(writer.label_files)
+    saved = f", {labels} label files in {save_dir / 'labels'}" if writer.options.save_txt else ""
+    LOGGER.info(f"Results saved to {save_dir}{saved}")

@@ -1,0 +1,425 @@
+"""The training loop behind train.py (YOLOv5's train.train, split into short steps).
+
+    from engine.trainer import TrainOptions, Trainer
+    opt = TrainOptions(cfg="yolov5n.yaml", epochs=3, imgsz=320, save_dir="runs/train/exp",
+                       hyp=yaml_load(resolve_config("hyp.scratch-low.yaml", "hyps")))
+    Trainer(opt, torch.device("cpu"), callbacks=[MyCallback()]).run()
+
+One `Trainer` per process. Under `torchrun`, rank 0 validates and writes every artefact; all ranks train
+on their share of each batch. The loop itself only trains and validates: logging, results.csv,
+TensorBoard, plots, early stopping and checkpoints are callbacks (engine/callbacks.py), and a user adds
+one without editing the loop.
+
+Everything a resume needs is in `state_dict()` (model, EMA, optimiser, scheduler, GradScaler, early
+stopping, RNG states, epoch and step counters), and `load_state_dict()` puts it back, so a run killed
+and resumed ends with the same weights as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from engine.callbacks import RESULT_COLUMNS, Callback, EarlyStopping, default_callbacks
+from engine.checkpoint import checkpoint_dict, load_checkpoint, load_detection_model, rng_state, set_rng_state
+from engine.validator import Validator, ValOptions, ValResults
+from engine.weights import freeze_layers, transfer_weights
+from models.yolo import DetectionModel
+from utils.general import yaml_save
+from utils.loss import ComputeLoss, scale_loss_gains
+from utils.metrics import fitness
+from utils.optim import (
+    ModelEMA,
+    clip_gradients,
+    de_parallel,
+    lr_lambda,
+    scale_weight_decay,
+    smart_optimizer,
+    warmup_iterations,
+    warmup_step,
+)
+from utils.torch_utils import init_seeds
+
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
+NOMINAL_BATCH = 64  # YOLOv5's nbs: gradients are accumulated up to this many images per step
+__all__ = ["NOMINAL_BATCH", "RESULT_COLUMNS", "TrainOptions", "Trainer", "distributed_env", "save_run_config"]
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(LOCAL_RANK, RANK, WORLD_SIZE) as torchrun sets them; (-1, -1, 1) for a single process."""
+    return (int(os.getenv("LOCAL_RANK", -1)), int(os.getenv("RANK", -1)), int(os.getenv("WORLD_SIZE", 1)))
+
+
+@dataclass
+class TrainOptions:
+    """train.py's flags, with `hyp` holding the hyperparameter values (as YOLOv5 stores them in opt).
+
+    The hyp values are kept as given; the trainer derives the batch-scaled weight decay and the
+    model-scaled loss gains from them where it uses them.
+    """
+
+    cfg: str = ""
+    weights: str = ""
+    data: str = "builtin.yaml"
+    hyp: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 100
+    batch_size: int = 16
+    imgsz: int = 640
+    rect: bool = False
+    resume: bool | str = False
+    resume_path: str = ""
+    nosave: bool = False
+    noval: bool = False
+    noautoanchor: bool = False
+    noplots: bool = False
+    cache: str | None = None
+    multi_scale: bool = False
+    single_cls: bool = False
+    optimizer: str = "SGD"
+    cos_lr: bool = False
+    label_smoothing: float = 0.0
+    patience: int = 100
+    freeze: list[str] = field(default_factory=list)
+    save_period: int = -1
+    seed: int = 0
+    deterministic: bool = False
+    workers: int = 8
+    device: str = ""
+    sync_bn: bool = False
+    project: str = "runs/train"
+    name: str = "exp"
+    exist_ok: bool = False
+    save_dir: str = "runs/train/exp"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainOptions:
+        """Options from a dict (argparse's vars(), a checkpoint's 'opt'); keys we no longer have are
+        dropped, new ones take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def as_plain_dict(self) -> dict[str, Any]:
+        """Primitives only (checkpoints must load with weights_only=True)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+class Trainer:
+    """One training run: `Trainer(options, device).run()` trains and returns the last validation results.
+
+    All state is declared here; `setup()` builds the model, optimiser and loaders (and restores a
+    checkpoint on resume); `run()` loops over epochs, calling the callbacks at each point.
+    """
+
+    def __init__(self, options: TrainOptions, device: torch.device, callbacks: list[Callback] | None = None):
+        self.options, self.device = options, device
+        self.save_dir = Path(options.save_dir)
+        self.weights_dir = self.save_dir / "weights"
+        self.local_rank, self.rank, self.world_size = distributed_env()
+        self.is_main = self.rank in (-1, 0)
+        self.amp = device.type == "cuda"  # float16 autocast with a GradScaler on CUDA
+        # built by setup()
+        self.data: dict[str, Any] = {}
+        self.names: list[str] = []
+        self.nc = 0
+        self.model: DetectionModel | None = None
+        self.net: torch.nn.Module | None = None  # the model, DDP-wrapped when distributed
+        self.ema: ModelEMA | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_lambda = None
+        self.scheduler: LambdaLR | None = None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        self.compute_loss: ComputeLoss | None = None
+        self.train_loader = self.train_set = self.val_loader = None
+        self.grid_size = 32  # max stride: image sizes are multiples of it
+        self.batch_size = options.batch_size
+        self.accumulate = max(round(NOMINAL_BATCH / self.batch_size), 1)
+        self.batches_per_epoch = 0
+        self.warmup_iterations = 0
+        # progress: saved in checkpoints
+        self.start_epoch = 0
+        self.epoch = 0
+        self.step = 0  # global batch index (epoch * batches_per_epoch + batch)
+        self.last_opt_step = -1  # step of the last optimizer step (accumulation spans epochs)
+        self.best_fitness = 0.0
+        self.stopper = EarlyStopping(options.patience)
+        # the current batch and epoch, for callbacks
+        self.batch: tuple | None = None
+        self.loss_items = torch.zeros(3)
+        self.mean_losses = torch.zeros(3)
+        self.lrs: list[float] = []
+        self.val_results: ValResults | None = None
+        self.fitness = 0.0
+        self.stop_requested = False
+        self.final_results: ValResults | None = None
+        self.callbacks: list[Callback] = default_callbacks(self) + list(callbacks or [])
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from data.config import check_dataset
+
+        o = self.options
+        if self.is_main:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+        init_seeds(o.seed + 1 + max(self.rank, 0), deterministic=o.deterministic)
+        self.data = check_dataset(o.data)
+        self.nc = 1 if o.single_cls else int(self.data["nc"])
+        self.names = ["item"] if o.single_cls and len(self.data["names"]) != 1 else list(self.data["names"])
+        resume = load_checkpoint(o.resume_path) if o.resume_path else None
+        self.model = self._build_model(resume).to(self.device)
+        self.grid_size = max(int(self.model.stride.max()), 32)
+        if o.imgsz % self.grid_size:
+            raise ValueError(f"--imgsz {o.imgsz} must be a multiple of the max stride {self.grid_size}")
+        weight_decay = scale_weight_decay(o.hyp["weight_decay"], self.batch_size, NOMINAL_BATCH)
+        self.optimizer = smart_optimizer(self.model, o.optimizer, o.hyp["lr0"], o.hyp["momentum"], weight_decay)
+        self.lr_lambda = lr_lambda(o.epochs, o.hyp["lrf"], o.cos_lr)
+        self.scheduler = LambdaLR(self.optimizer, lr_lambda=self.lr_lambda)
+        self.ema = ModelEMA(self.model) if self.is_main else None
+        self._make_loaders()
+        if resume is not None:
+            self.load_state_dict(resume)
+        elif not o.noautoanchor:
+            self._check_anchors()
+        self._attach_hyp()
+        self.batches_per_epoch = len(self.train_loader)
+        self.warmup_iterations = warmup_iterations(o.hyp, self.batches_per_epoch)
+        self.compute_loss = ComputeLoss(self.model)
+        self.net = self._wrap_ddp(self.model)
+
+    def _build_model(self, resume: dict | None) -> DetectionModel:
+        o = self.options
+        if resume is not None:
+            model = DetectionModel(resume["yaml"], nc=self.nc)  # its weights come in load_state_dict()
+        elif o.weights:
+            ckpt = load_checkpoint(o.weights)
+            model = DetectionModel(o.cfg or ckpt["yaml"], nc=self.nc)
+            exclude = ("anchors",) if o.cfg or o.hyp.get("anchors") else ()
+            done, total = transfer_weights(model, ckpt, exclude)
+            LOGGER.info(f"Transferred {done}/{total} items from {o.weights}")
+        else:
+            model = DetectionModel(o.cfg, nc=self.nc)
+        if o.freeze:
+            freeze_layers(model, o.freeze)
+        return model
+
+    def _check_anchors(self) -> None:
+        from utils.autoanchor import check_anchors
+
+        o = self.options
+        check_anchors(self.train_set, self.model, thr=o.hyp["anchor_t"], imgsz=o.imgsz, seed=o.seed)
+        if self.ema is not None:
+            self.ema.ema.model[-1].anchors.copy_(self.model.model[-1].anchors)
+
+    def _attach_hyp(self) -> None:
+        """Attach the loss gains scaled to this model and image size (YOLOv5) and the names to the model."""
+        o = self.options
+        loss_hyp = scale_loss_gains(o.hyp, self.model.model[-1].nl, self.nc, o.imgsz)
+        loss_hyp["label_smoothing"] = o.label_smoothing
+        self.model.hyp, self.model.names, self.model.nc = loss_hyp, self.names, self.nc
+
+    def _make_loaders(self) -> None:
+        from data.loaders import create_dataloader
+
+        o = self.options
+        per_rank = self.batch_size // self.world_size
+        common = dict(single_cls=o.single_cls, hyp=o.hyp, cache=o.cache or False, names=self.data["names"])
+        self.train_loader, self.train_set = create_dataloader(
+            self.data["train"], o.imgsz, per_rank, self.grid_size, augment=True, rect=o.rect,
+            rank=self.local_rank, workers=o.workers, prefix="train: ", shuffle=True, seed=o.seed, **common)
+        labels = [lb for lb in self.train_set.labels if len(lb)]
+        if labels and (max_cls := int(np.concatenate(labels, 0)[:, 0].max())) >= self.nc:
+            raise ValueError(f"label class {max_cls} exceeds nc={self.nc} in {o.data}; allowed 0..{self.nc - 1}")
+        if self.is_main and self.data.get("val"):
+            self.val_loader, _ = create_dataloader(
+                self.data["val"], o.imgsz, per_rank * 2, self.grid_size, rect=True, rank=-1, workers=o.workers * 2,
+                pad=0.5, prefix="val: ", **common)
+
+    def _wrap_ddp(self, model: DetectionModel) -> torch.nn.Module:
+        if self.rank == -1:
+            return model
+        if self.options.sync_bn and self.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            LOGGER.info("Using SyncBatchNorm()")
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.local_rank] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, output_device=ids[0] if ids else None)
+
+    # -- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Progress and optimiser state after the current epoch (the tensors of the model and EMA are
+        added by `checkpoint()`); plain tensors and primitives only."""
+        state = {
+            "epoch": self.epoch, "best_fitness": self.best_fitness,
+            "updates": self.ema.updates if self.ema is not None else 0,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(), "last_opt_step": self.last_opt_step,
+            "accumulate": self.accumulate,
+        }
+        for callback in self.callbacks:
+            if callback.state_key:
+                state[callback.state_key] = callback.state_dict()
+        return state
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Resume from a checkpoint: weights, optimiser, scheduler, scaler, EMA, callbacks' state, counters
+        and RNG states exactly as saved."""
+        de_parallel(self.model).load_state_dict(ckpt["model"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):  # empty when the scaler was disabled (CPU)
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict({"model": ckpt["ema"], "updates": ckpt["updates"]})
+        for callback in self.callbacks:
+            if callback.state_key and ckpt.get(callback.state_key) is not None:
+                callback.load_state_dict(ckpt[callback.state_key])
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.best_fitness = float(ckpt["best_fitness"])
+        self.last_opt_step = int(ckpt.get("last_opt_step", -1))
+        self.accumulate = int(ckpt.get("accumulate", self.accumulate))
+        if ckpt.get("rng") is not None:
+            set_rng_state(ckpt["rng"])
+        if self.start_epoch >= self.options.epochs:
+            raise ValueError(f"{self.options.resume_path} already finished {self.start_epoch} of "
+                             f"{self.options.epochs} epochs; nothing to resume")
+        LOGGER.info(f"Resuming training from {self.options.resume_path} at epoch {self.start_epoch}")
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The checkpoint of this epoch: model, EMA, `state_dict()`, the options and hyperparameters."""
+        return checkpoint_dict(de_parallel(self.model), self.ema.ema, **self.state_dict(),
+                               opt=self.options.as_plain_dict(), hyp=dict(self.options.hyp))
+
+    # -- loop --------------------------------------------------------------------------------------------
+    def run(self) -> ValResults | None:
+        self.setup()
+        self._emit("before_train")
+        for epoch in range(self.start_epoch, self.options.epochs):
+            self.epoch = epoch
+            self._emit("before_epoch")
+            self._train_epoch()
+            self.lrs = [g["lr"] for g in self.optimizer.param_groups]
+            self.scheduler.step()
+            if self.is_main:
+                self._validate_epoch()
+            self._emit("after_epoch")
+            if self._broadcast_stop(self.stop_requested):
+                break
+        if self.is_main:
+            self._validate_best()
+        self._emit("after_train")
+        if self.is_main:
+            LOGGER.info(f"Results saved to {self.save_dir}")
+        return self.val_results
+
+    def _emit(self, point: str) -> None:
+        for callback in self.callbacks:
+            getattr(callback, point)(self)
+
+    def _train_epoch(self) -> None:
+        self.net.train()
+        for part in (self.train_loader.sampler, self.train_set):  # seeds of the shuffle and augmentation
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(self.epoch)
+        self.mean_losses = torch.zeros(3, device=self.device)
+        self.optimizer.zero_grad()
+        for i, (imgs, targets, paths, _) in enumerate(self.train_loader):
+            self.step = i + self.batches_per_epoch * self.epoch
+            self.batch = (imgs.to(self.device, non_blocking=True).float() / 255, targets, paths)
+            self._emit("before_step")
+            self.loss_items = self._train_step(i)
+            self.mean_losses = (self.mean_losses * i + self.loss_items) / (i + 1)
+            self._emit("after_step")
+
+    def _train_step(self, i: int) -> torch.Tensor:
+        """Forward, backward and (every `accumulate` steps) an optimizer step; returns the loss items."""
+        imgs, targets, paths = self.batch
+        if self.step <= self.warmup_iterations:
+            self.accumulate = warmup_step(self.optimizer, self.step, self.warmup_iterations, self.epoch,
+                                          self.lr_lambda, self.options.hyp, NOMINAL_BATCH, self.batch_size)
+        if self.options.multi_scale:
+            imgs = self._random_rescale(imgs)
+            self.batch = (imgs, targets, paths)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            loss, loss_items = self.compute_loss(self.net(imgs), targets.to(self.device))
+            if self.rank != -1:
+                loss = loss * self.world_size  # DDP averages gradients across ranks
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch} batch {i} "
+                                     f"(images {', '.join(Path(p).name for p in paths[:4])}...); stopping. Try a "
+                                     f"lower --hyp lr0, or check these labels")
+        self.scaler.scale(loss).backward()
+        if self.step - self.last_opt_step >= self.accumulate:
+            self._optimizer_step()
+            self.last_opt_step = self.step
+        return loss_items.detach()
+
+    def _random_rescale(self, imgs: torch.Tensor) -> torch.Tensor:
+        """--multi-scale: a random size in [0.5, 1.5] x imgsz, a multiple of the max stride."""
+        gs, imgsz = self.grid_size, self.options.imgsz
+        size = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
+        factor = size / max(imgs.shape[2:])
+        if factor == 1:
+            return imgs
+        shape = [math.ceil(x * factor / gs) * gs for x in imgs.shape[2:]]
+        return F.interpolate(imgs, size=shape, mode="bilinear", align_corners=False)
+
+    def _optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        clip_gradients(self.model, max_norm=10.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def is_final_epoch(self) -> bool:
+        """The last epoch, or one that early stopping may end training after (both are validated)."""
+        return self.epoch + 1 == self.options.epochs or self.stopper.possible_stop
+
+    def _validate_epoch(self) -> None:
+        """Validate the EMA model (every epoch, or only the final one with --noval); sets the fitness."""
+        self.ema.update_attr(self.model, include=("yaml", "nc", "hyp", "names", "stride"))
+        self.val_results = None
+        if (not self.options.noval or self.is_final_epoch()) and self.val_loader is not None:
+            options = ValOptions(half=self.amp, single_cls=self.options.single_cls, save_dir=self.save_dir,
+                                 plots=False, training=True)
+            self.val_results = Validator(self.val_loader, self.names, options, self.compute_loss)(self.ema.ema)
+        row = self.val_results.as_row() if self.val_results is not None else [0.0] * 7
+        self.fitness = float(fitness(np.array(row[:4]).reshape(1, -1))[0])
+        self.best_fitness = max(self.best_fitness, self.fitness)
+
+    def _broadcast_stop(self, stop: bool) -> bool:
+        if self.rank == -1:
+            return stop
+        flag = [stop]
+        dist.broadcast_object_list(flag, 0)
+        return bool(flag[0])
+
+    def _validate_best(self) -> None:
+        """Validate best.pt once more, fused and with plots, as YOLOv5 does."""
+        best = self.weights_dir / "best.pt"
+        if not best.exists() or self.val_loader is None:
+            return
+        LOGGER.info(f"\nValidating {best}...")
+        model = load_detection_model(best, self.device, fuse=True)
+        options = ValOptions(half=self.amp, single_cls=self.options.single_cls, save_dir=self.save_dir,
+                             plots=not self.options.noplots, verbose=True)
+        self.final_results = Validator(self.val_loader, self.names, options)(model)
+
+
+def save_run_config(save_dir: Path, options: TrainOptions) -> None:
+    """hyp.yaml and opt.yaml in the run folder, as YOLOv5 writes them."""
+    yaml_save(save_dir / "hyp.yaml", dict(options.hyp))
+    yaml_save(save_dir / "opt.yaml", options.as_plain_dict())
