@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import load_checkpoint
-from engine.trainer import Trainer, TrainOptions, distributed_env, save_run_config
+from engine.trainer import Trainer, TrainOptions, distributed_env
 from utils.general import increment_path, resolve_config, yaml_load
 from utils.torch_utils import select_device
 
@@ -124,10 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     device = _setup_device(options.device, local_rank)
     if world > 1:
         options.save_dir = _shared_save_dir(options.save_dir)
-    if rank in (-1, 0):
-        (Path(options.save_dir) / "weights").mkdir(parents=True, exist_ok=True)
-        if not options.resume:
-            save_run_config(Path(options.save_dir), options)
     Trainer(options, device).run()
     if world > 1:
         dist.destroy_process_group()

@@ -27,6 +27,7 @@ Only the main process (rank 0 or a single process) gets the callbacks that write
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from engine.checkpoint import save_checkpoint
+from utils.files import atomic_write_text
 
 if TYPE_CHECKING:
     from engine.trainer import Trainer
@@ -105,16 +107,35 @@ class ProgressLog(Callback):
 
 
 class ResultsCSV(Callback):
-    """results.csv: one row per epoch in YOLOv5's columns (losses, P, R, mAPs, val losses, lrs)."""
+    """results.csv: one row per epoch in YOLOv5's columns (losses, P, R, mAPs, val losses, lrs).
+
+    The whole file is rewritten atomically each epoch, so a kill never leaves half a row. A fresh run
+    starts a fresh file (also in a reused --exist-ok folder); a resumed run keeps the rows of the
+    epochs before the one it restarts at, so after any number of kills and resumes there is exactly
+    one row per epoch, in order. The row is written before the epoch's checkpoint: a kill between the
+    two only repeats that epoch, whose row is then replaced.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.rows = self._kept_rows(trainer.save_dir / "results.csv", trainer.start_epoch)
+
+    @staticmethod
+    def _kept_rows(file, start_epoch: int) -> list[list[str]]:
+        if start_epoch == 0 or not file.exists():
+            return []
+        with open(file, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        by_epoch = {int(float(row[0])): row for row in rows if row and row[0].strip()}
+        return [by_epoch[e] for e in sorted(by_epoch) if e < start_epoch]
 
     def after_epoch(self, trainer: Trainer) -> None:
-        file = trainer.save_dir / "results.csv"
-        new = not file.exists()
-        with open(file, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(RESULT_COLUMNS)
-            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in epoch_values(trainer)])
+        self.rows.append([f"{v:.6g}" if isinstance(v, float) else str(v) for v in epoch_values(trainer)])
+        text = io.StringIO()
+        csv.writer(text).writerows([RESULT_COLUMNS, *self.rows])
+        atomic_write_text(trainer.save_dir / "results.csv", text.getvalue())
 
 
 def epoch_values(trainer: Trainer) -> list:
@@ -207,18 +228,30 @@ class EarlyStopping(Callback):
 
 
 class Checkpointer(Callback):
-    """weights/last.pt every epoch, best.pt when fitness reached a new best, epochN.pt every
+    """weights/best.pt when fitness reached a new best, then last.pt, every epoch; epochN.pt every
     --save-period epochs; with --nosave only the final epoch. Add it after EarlyStopping so that its
-    checkpoint holds the early-stopping state of this epoch."""
+    checkpoint holds the early-stopping state of this epoch.
+
+    best.pt is written before last.pt: a kill between the two leaves last.pt one epoch behind, so the
+    resumed run repeats the epoch and rewrites best.pt itself. (The other order would leave best.pt
+    one improvement behind for good: the resumed run restores the new best fitness from last.pt and
+    never writes best.pt for that epoch again.) Temporary files that a killed save left behind are
+    removed when a run starts or resumes.
+    """
+
+    def before_train(self, trainer: Trainer) -> None:
+        for stale in sorted(trainer.weights_dir.glob(".*.pt.*.tmp")):
+            LOGGER.info(f"removing {stale.name}: an unfinished save of an interrupted run")
+            stale.unlink(missing_ok=True)
 
     def after_epoch(self, trainer: Trainer) -> None:
         o = trainer.options
         if o.nosave and not trainer.is_final_epoch():
             return
         ckpt = trainer.checkpoint()
-        save_checkpoint(ckpt, trainer.weights_dir / "last.pt")
         if trainer.best_fitness == trainer.fitness:
             save_checkpoint(ckpt, trainer.weights_dir / "best.pt")
+        save_checkpoint(ckpt, trainer.weights_dir / "last.pt")
         if o.save_period > 0 and trainer.epoch % o.save_period == 0:
             save_checkpoint(ckpt, trainer.weights_dir / f"epoch{trainer.epoch}.pt")
 

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,6 @@ class Trainer:
         from data.config import check_dataset
 
         o = self.options
-        if self.is_main:
-            self.weights_dir.mkdir(parents=True, exist_ok=True)
         init_seeds(o.seed + 1 + max(self.rank, 0), deterministic=o.deterministic)
         self.data = check_dataset(o.data)
         self.nc = 1 if o.single_cls else int(self.data["nc"])
@@ -303,7 +302,13 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------------------
     def run(self) -> ValResults | None:
-        self.setup()
+        created = self._prepare_run_folder()
+        try:
+            self.setup()
+        except BaseException:
+            if created:
+                self._discard_run_folder()
+            raise
         self._emit("before_train")
         for epoch in range(self.start_epoch, self.options.epochs):
             self.epoch = epoch
@@ -322,6 +327,23 @@ class Trainer:
         if self.is_main:
             LOGGER.info(f"Results saved to {self.save_dir}")
         return self.val_results
+
+    def _prepare_run_folder(self) -> bool:
+        """Create the run folder (main process) with opt.yaml and hyp.yaml for a fresh run; True when this
+        call created it."""
+        if not self.is_main:
+            return False
+        created = not self.save_dir.exists()
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        if not self.options.resume:
+            save_run_config(self.save_dir, self.options)
+        return created
+
+    def _discard_run_folder(self) -> None:
+        """A run that fails before training starts leaves no folder behind (it holds nothing but the
+        options it was started with), so failed attempts do not pile up as exp2, exp3, ..."""
+        LOGGER.info(f"removing {self.save_dir}: the run failed before its first epoch")
+        shutil.rmtree(self.save_dir, ignore_errors=True)
 
     def _emit(self, point: str) -> None:
         for callback in self.callbacks:

@@ -9,6 +9,7 @@ gets the permissions any new file gets here (the umask is honoured and never cha
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -46,8 +47,27 @@ def atomic_path(target: str | Path, keep_suffix: bool = False) -> Iterator[Path]
     try:
         yield tmp
         os.replace(tmp, target)
+    except Exception as err:
+        disk_full = _disk_full_error(err, target)
+        if disk_full is None:
+            raise
+        raise disk_full from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _disk_full_error(err: Exception, target: Path) -> OSError | None:
+    """A full disk or quota as one plain OSError naming the file (torch.save reports it as
+    'enforce fail at inline_container.cc', with the errno only deep in the exception chain)."""
+    seen = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "no space left on device" if cause.errno == errno.ENOSPC else "disk quota exceeded"
+            return OSError(cause.errno, f"{reason} while writing {target} (the previous file, if any, is kept)")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 @contextlib.contextmanager
