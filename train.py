@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import load_checkpoint
+from engine.evolve import evolve
 from engine.trainer import Trainer, TrainOptions, distributed_env
 from utils.general import increment_path, resolve_config, yaml_load
 from utils.torch_utils import select_device
@@ -58,11 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default="runs/train", help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    p.add_argument("--evolve", type=int, nargs="?", const=300, default=0,
+                   help="evolve hyperparameters for x generations (default 300), into runs/evolve/exp")
+    p.add_argument("--resume-evolve", default="",
+                   help="continue the evolution in this folder (or of this evolve.csv) for --evolve more generations")
     return p
 
 
 def check_opt(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> argparse.Namespace:
     """Refuse contradictory or out-of-range options with a message naming them."""
+    if opt.resume_evolve and not opt.evolve:
+        parser.error("--resume-evolve continues an evolution: say how many more generations with --evolve N")
+    if opt.evolve and opt.resume:
+        parser.error("--evolve starts fresh runs; --resume cannot be combined with it (use --resume-evolve)")
+    if opt.evolve < 0:
+        parser.error(f"--evolve must be >= 1 generation, got {opt.evolve}")
     if not opt.resume and not opt.cfg and not opt.weights:
         parser.error("give --cfg (a model YAML) or --weights (a checkpoint to fine-tune), or --resume")
     for flag, value, low in (("--epochs", opt.epochs, 1), ("--batch-size", opt.batch_size, 1),
@@ -120,14 +131,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     opt = check_opt(parser, parser.parse_args(argv))
     local_rank, rank, world = distributed_env()
+    if opt.evolve and opt.project == "runs/train":
+        opt.project = "runs/evolve"  # YOLOv5's folder for evolutions
     options = resume_options(opt) if opt.resume else new_run_options(opt, rank)
+    if opt.resume_evolve:
+        options.save_dir = str(_evolve_folder(opt.resume_evolve))
     device = _setup_device(options.device, local_rank)
     if world > 1:
         options.save_dir = _shared_save_dir(options.save_dir)
-    Trainer(options, device).run()
+    if opt.evolve:
+        evolve(options, device, opt.evolve, Path(options.save_dir))
+    else:
+        Trainer(options, device).run()
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def _evolve_folder(path: str) -> Path:
+    """The folder of an evolution to continue: the given folder or the one holding the given evolve.csv."""
+    folder = Path(path)
+    folder = folder.parent if folder.name == "evolve.csv" else folder
+    if not (folder / "evolve.csv").is_file():
+        raise FileNotFoundError(f"--resume-evolve {path}: no evolve.csv there to continue")
+    return folder
 
 
 def _setup_device(device: str, local_rank: int) -> torch.device:

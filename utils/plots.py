@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from utils.boxes import clip_boxes, xywh2xyxy, xyxy2xywh
-from utils.metrics import smooth
+from utils.metrics import fitness, smooth
 
 # YOLOv5's 20-colour palette, hex RGB
 _PALETTE_HEX = (
@@ -398,3 +398,28 @@ def save_one_box(
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_image(path, np.ascontiguousarray(crop))
     return crop if BGR else np.ascontiguousarray(crop[..., ::-1])
+
+
+def plot_evolve(file: str | Path, first_hyp_column: int = 7) -> Path:
+    """evolve.png beside an evolve.csv: one panel per hyperparameter, fitness (0.1 mAP50 + 0.9
+    mAP50-95) against its value for every generation, coloured by fitness, the best marked with +."""
+    file = Path(file)
+    header, data = _read_results_csv(file)
+    keys = header[first_hyp_column:]
+    fit = fitness(data)
+    best = int(np.argmax(fit))
+    ncols = max(math.ceil(math.sqrt(len(keys))), 1)
+    nrows = max(math.ceil(len(keys) / ncols), 1)
+    fig, axes = _new_figure((2.5 * ncols, 2.5 * nrows), nrows=nrows, ncols=ncols, squeeze=False)
+    ax = axes.ravel()
+    for i, key in enumerate(keys):
+        values = data[:, first_hyp_column + i]
+        ax[i].scatter(values, fit, c=fit, cmap="viridis", alpha=0.8, edgecolors="none")
+        ax[i].plot(values[best], fit[best], "k+", markersize=15)
+        ax[i].set_title(f"{key} = {values[best]:.3g}", fontsize=9)
+        ax[i].tick_params(labelsize=7)
+    for extra in ax[len(keys):]:
+        extra.set_visible(False)
+    out = file.with_name("evolve.png")
+    fig.savefig(out, dpi=120)
+    return out
