@@ -21,6 +21,7 @@ from engine.checkpoint import load_checkpoint
 from engine.evolve import evolve
 from engine.trainer import Trainer, TrainOptions, distributed_env
 from utils.general import increment_path, resolve_config, yaml_load
+from utils.hyp import check_hyp
 from utils.torch_utils import select_device
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
@@ -107,7 +108,7 @@ def resume_options(opt: argparse.Namespace) -> TrainOptions:
     path = Path(opt.resume) if isinstance(opt.resume, str) else latest_checkpoint()
     ckpt = load_checkpoint(path)
     saved = TrainOptions.from_dict(ckpt["opt"])
-    saved.hyp = dict(ckpt["hyp"])
+    saved.hyp = check_hyp(dict(ckpt["hyp"]), f"checkpoint {path}")
     saved.resume, saved.resume_path, saved.device = True, str(path), opt.device or saved.device
     saved.exist_ok = True
     saved.save_dir = str(path.parent.parent)
@@ -118,7 +119,8 @@ def new_run_options(opt: argparse.Namespace, rank: int) -> TrainOptions:
     """Options of a fresh run: config paths resolved, hyperparameters read, the run folder chosen."""
     options = TrainOptions.from_dict(vars(opt))
     options.cfg = str(resolve_config(opt.cfg, "models")) if opt.cfg else ""
-    options.hyp = yaml_load(resolve_config(opt.hyp, "hyps"))
+    hyp_file = resolve_config(opt.hyp, "hyps")
+    options.hyp = check_hyp(yaml_load(hyp_file), str(hyp_file))  # every problem at once, before any folder
     save_dir = Path(opt.project) / opt.name
     if rank in (-1, 0):
         save_dir = increment_path(save_dir, exist_ok=opt.exist_ok)

@@ -11,12 +11,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import Dataset
 
 from data.augment import augment_hsv, copy_paste, letterbox, mixup, random_perspective
 from data.verify import scan_dataset
 from utils.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
+from utils.general import yaml_load
+from utils.hyp import check_hyp
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 DEFAULT_HYP = Path(__file__).resolve().parents[1] / "configs" / "hyps" / "hyp.scratch-low.yaml"
@@ -28,13 +29,13 @@ CACHE_MODES = (False, "ram", "disk")
 
 
 def _check_hyp(hyp: dict | None, augment: bool) -> dict:
-    """The augmentation hyperparameters (hyp.scratch-low.yaml when None); error naming missing keys."""
+    """The hyperparameters (hyp.scratch-low.yaml when None), checked by utils.hyp's rules when the
+    dataset is built rather than in the first batch; training needs every augmentation key.
+    Raises HypError (a ValueError) naming each bad or missing key."""
+    source = "hyp given to LoadImagesAndLabels"
     if hyp is None:
-        hyp = yaml.safe_load(DEFAULT_HYP.read_text())
-    missing = [k for k in AUGMENT_KEYS if k not in hyp]
-    if augment and missing:
-        raise KeyError(f"hyperparameters lack augmentation keys {missing} (see {DEFAULT_HYP.name})")
-    return hyp
+        hyp, source = yaml_load(DEFAULT_HYP), str(DEFAULT_HYP)
+    return check_hyp(hyp, source, required=AUGMENT_KEYS if augment else ())
 
 
 class LoadImagesAndLabels(Dataset):
@@ -51,6 +52,11 @@ class LoadImagesAndLabels(Dataset):
     two gains differ slightly (both sides are rounded up when resizing), so rescale each axis with
     its own gain. YOLOv5 reports only load_image's gain; this includes the letterbox's gain too,
     which is 1 whenever the image fits its batch shape.
+
+    names: the dataset's class names (class ids must be below len(names)); names_source: the YAML
+    they came from, named when most class ids do not fit them. hyp is checked when the dataset is
+    built (utils.hyp.check_hyp); a source that loses most of its boxes to one reason stops here
+    (data.verify.MostLabelsDroppedError).
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class LoadImagesAndLabels(Dataset):
         prefix: str = "",
         names: list[str] | None = None,
         seed: int = 0,
+        names_source: str | None = None,
     ):
         if cache_images not in CACHE_MODES and cache_images is not True:
             raise ValueError(f"cache_images must be one of {CACHE_MODES}, got {cache_images!r}")
@@ -78,7 +85,7 @@ class LoadImagesAndLabels(Dataset):
         self.prefix = prefix
         self.seed, self.epoch = int(seed), 0
         self.rng = np.random.default_rng(seed)
-        scan = scan_dataset(path, nc=len(names) if names else None, prefix=prefix)
+        scan = scan_dataset(path, nc=len(names) if names else None, prefix=prefix, names_source=names_source)
         self.im_files, self.label_files = scan.im_files, scan.label_files
         self.labels, self.segments, self.shapes = scan.labels, scan.segments, scan.shapes
         if single_cls:

@@ -101,9 +101,11 @@ def create_dataloader(
     shuffle: bool = False,
     seed: int = 0,
     names: list[str] | None = None,
+    names_source: str | None = None,
 ) -> tuple[DataLoader, LoadImagesAndLabels]:
     """(DataLoader, dataset) for one dataset source; batches are LoadImagesAndLabels.collate_fn's.
 
+    names_source (the dataset YAML the names came from) is named when the labels' class ids do not fit.
     rank != -1 uses a distributed sampler (call ``loader.sampler.set_epoch(epoch)`` each epoch);
     batch_size is per process. Workers are capped by CPUs per GPU and by the batch size.
     """
@@ -114,6 +116,7 @@ def create_dataloader(
     dataset = LoadImagesAndLabels(
         path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect, cache_images=cache,
         single_cls=single_cls, stride=int(stride), pad=pad, prefix=prefix, names=names,
+        names_source=names_source,
         seed=seed + seed_offset,
     )  # fmt: skip
     batch_size = min(batch_size, len(dataset))

@@ -90,7 +90,8 @@ def _loader(cfg: dict, split: str, imgsz: int, batch_size: int, stride: int, rec
     speed = opt.task == "speed"
     loader, _ = create_dataloader(cfg[split], imgsz, batch_size, stride, opt.single_cls,
                                   pad=0.0 if speed else 0.5, rect=rect and not speed, workers=opt.workers,
-                                  prefix=f"{split}: ", names=cfg["names"])
+                                  prefix=f"{split}: ", names=cfg["names"],
+                                  names_source=cfg.get("yaml_file"))
     return loader
 
 

@@ -39,6 +39,7 @@ from engine.validator import Validator, ValOptions, ValResults
 from engine.weights import freeze_layers, transfer_weights
 from models.yolo import DetectionModel
 from utils.general import yaml_save
+from utils.hyp import check_hyp
 from utils.loss import ComputeLoss, scale_loss_gains
 from utils.metrics import fitness
 from utils.optim import (
@@ -232,7 +233,8 @@ class Trainer:
 
         o = self.options
         per_rank = self.batch_size // self.world_size
-        common = dict(single_cls=o.single_cls, hyp=o.hyp, cache=o.cache or False, names=self.data["names"])
+        common = dict(single_cls=o.single_cls, hyp=o.hyp, cache=o.cache or False, names=self.data["names"],
+                      names_source=self.data.get("yaml_file"))
         self.train_loader, self.train_set = create_dataloader(
             self.data["train"], o.imgsz, per_rank, self.grid_size, augment=True, rect=o.rect,
             rank=self.local_rank, workers=o.workers, prefix="train: ", shuffle=True, seed=o.seed, **common)
@@ -302,6 +304,7 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------------------
     def run(self) -> ValResults | None:
+        self.options.hyp = check_hyp(self.options.hyp, "TrainOptions.hyp")  # before anything is created
         created = self._prepare_run_folder()
         try:
             self.setup()

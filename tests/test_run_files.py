@@ -190,3 +190,17 @@ def test_disk_full_while_saving_names_the_file_and_keeps_the_old_checkpoint(tmp_
     assert str(info.value) == f"[Errno 28] no space left on device while writing {target} (the previous file, " \
                               f"if any, is kept)"
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_bad_hyp_file_is_refused_whole_before_any_folder_exists(tmp_path, tiny_data):
+    hyp = (ROOT / "configs" / "hyps" / "hyp.scratch-low.yaml").read_text()
+    yaml_text = hyp.replace("lr0: 0.01", "").replace("mosaic: 1.0", 'mosaic: "yes"').replace("fliplr: 0.5", "fliplr: 7")
+    bad = tmp_path / "bad_hyp.yaml"
+    bad.write_text(yaml_text + "flipLR: 0.5\n")
+    with pytest.raises(ValueError) as info:
+        train.main([*FAST, "--epochs", "1", "--data", str(tiny_data), "--hyp", str(bad), "--project",
+                    str(tmp_path / "runs")])
+    message = str(info.value)
+    for part in (str(bad), "lr0", "mosaic", "fliplr", "flipLR", "did you mean 'fliplr'"):
+        assert part in message, (part, message)
+    assert not (tmp_path / "runs").exists()
