@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.backbones.layers import fuse_conv_bn
+
 
 def autopad(kernel: int | list[int], padding: int | None = None, dilation: int = 1) -> int | list[int]:
     """'Same' padding for odd kernels: the output has ceil(H / stride) rows."""
@@ -21,7 +23,8 @@ def autopad(kernel: int | list[int], padding: int | None = None, dilation: int =
 
 
 class Conv(nn.Module):
-    """Conv2d (no bias) -> BatchNorm2d -> SiLU. After `fuse()` the BN is folded and replaced by Identity."""
+    """Conv2d (no bias) -> BatchNorm2d -> SiLU. `reparameterize()` (run by `DetectionModel.fuse()`) folds
+    the BN into the conv and replaces it by Identity; a second call does nothing."""
 
     def __init__(
         self,
@@ -45,6 +48,12 @@ class Conv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = fuse_conv_bn(self.conv, self.bn)
+            self.bn = nn.Identity()
 
 
 class DWConv(Conv):
@@ -162,20 +171,3 @@ class Concat(nn.Module):
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(x, self.d)
-
-
-@torch.no_grad()
-def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """Fold an eval-mode BatchNorm into the preceding convolution; returns a new Conv2d with a bias.
-
-    w' = w * gamma / sqrt(var + eps);  b' = (b - mean) * gamma / sqrt(var + eps) + beta
-    """
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=True,
-    ).requires_grad_(False).to(conv.weight.device)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
-    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_((conv_bias - bn.running_mean) * scale + bn.bias)
-    return fused

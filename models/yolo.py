@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 from models.backbones import BACKBONES, Backbone
-from models.common import (
-    SPP, SPPF, C3, BottleneckCSP, Bottleneck, Concat, Conv, DWConv, Focus, fuse_conv_and_bn,
-)
+from models.backbones.layers import reparameterize_modules
+from models.common import SPP, SPPF, C3, BottleneckCSP, Bottleneck, Concat, Conv, DWConv, Focus
 from utils.general import make_divisible, resolve_config, yaml_load
 
-LOGGER = logging.getLogger("vitdet")
+LOGGER = logging.getLogger("vitdet." + __name__)
 
 NUM_SLOTS = 5  # backbone slots 0..4 hold strides 2, 4, 8, 16, 32
 PROBE_SIZE = 256  # square input used at build time to read strides and check backbone outputs
@@ -417,13 +416,12 @@ class DetectionModel(nn.Module):
 
     # -- deployment ------------------------------------------------------------------------------
     def fuse(self) -> DetectionModel:
-        """Fold every Conv+BN of the neck and reparameterise every backbone, in place (for inference)."""
-        for m in self.model.modules():
-            if isinstance(m, Backbone):
-                m.reparameterize()
-            elif isinstance(m, Conv) and isinstance(m.bn, nn.BatchNorm2d):
-                m.conv = fuse_conv_and_bn(m.conv, m.bn)
-                m.bn = nn.Identity()
+        """Fold every Conv+BN of the neck and reparameterise every backbone, in place (for inference).
+
+        The shared fuse walker calls `reparameterize()` on each outermost module that has one: YOLOv5's
+        `Conv` folds its BN, a backbone folds its own blocks. Exact for eval-mode outputs, idempotent.
+        """
+        reparameterize_modules(self)
         return self
 
     def info(self, imgsz: int | tuple[int, int] = 640, verbose: bool = False) -> dict[str, float]:

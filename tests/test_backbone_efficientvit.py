@@ -1,5 +1,7 @@
-"""EfficientViT backbone: contract, sizes, official weights (fixtures), reparameterisation, gradients,
-attention-bias freshness, and the model YAMLs."""
+"""EfficientViT backbone, what is peculiar to it: the released configurations, the native layout,
+windows and attention biases, official weights (fixtures, bias resizing), ONNX export, YAML variants.
+The generic Backbone contract (shapes, dtypes, gradients, reparameterize, errors) is in
+tests/test_backbone_contract.py."""
 
 from __future__ import annotations
 
@@ -25,6 +27,13 @@ from models.backbones.efficientvit_blocks import (
     resize_bias_table,
     split_windows,
 )
+from tests.backbone_helpers import (
+    MODEL_CONFIGS,
+    integer_keys,
+    one_thread,  # noqa: F401  (autouse)
+    relative_diff,
+    save_release,
+)
 from tests.reference_weights import (
     assert_features_close,
     fill_value,
@@ -32,9 +41,8 @@ from tests.reference_weights import (
     load_keys,
     official_state,
 )
+from utils.general import yaml_load
 
-PAPER_NAMES = ["M0", "M1", "M2", "M3", "M4", "M5"]
-SIZES = [(256, 256), (320, 320), (640, 640), (640, 512), (512, 640)]
 FIXTURES = ["efficientvit_m0", "efficientvit_m4"]
 
 # The released configurations, copied as numbers from the official classification build.py
@@ -47,15 +55,6 @@ OFFICIAL_CONFIGS = {
     "m4": ([128, 256, 384], [1, 2, 3], [4, 4, 4], [7, 5, 3, 3]),
     "m5": ([192, 288, 384], [1, 3, 4], [3, 3, 4], [7, 5, 3, 3]),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI box shares 2 cores among many jobs; one intra-op thread is far faster there."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,15 +117,9 @@ def official_key_shapes(variant: str) -> dict[str, list[int]]:
     return keys
 
 
-def integer_keys(keys) -> set[str]:
-    return {k for k in keys if k.endswith(("num_batches_tracked", "attention_bias_idxs"))}
-
-
-def save_release(tmp_path, state, name="release.pth"):
+def save_cream_release(tmp_path, state, name="release.pth"):
     """Write `state` the way the authors release it: {'model': state_dict}."""
-    path = tmp_path / name
-    torch.save({"model": state}, path)
-    return path
+    return save_release(state, tmp_path / name, "model")
 
 
 def randomize(model: torch.nn.Module, scale: float = 0.05) -> None:
@@ -138,24 +131,9 @@ def randomize(model: torch.nn.Module, scale: float = 0.05) -> None:
                 tensor.copy_(fill_value(name, tensor.shape, scale))
 
 
-def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
 # --------------------------------------------------------------------------------------------------
 # build, names, contract
 # --------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", PAPER_NAMES)
-def test_every_variant_builds_by_name_and_matches_declared_outputs(name):
-    model = build_backbone("EfficientViT", name).eval()
-    widths = VARIANTS[name.lower()].widths
-    assert model.out_channels == widths and model.out_strides == (8, 16, 32)
-    with torch.no_grad():
-        outputs = model(torch.rand(1, 3, 256, 192))
-    expected = [(1, c, 256 // s, 192 // s) for c, s in zip(widths, (8, 16, 32))]
-    assert [tuple(o.shape) for o in outputs] == expected
-
 
 def test_variant_config_matches_official_release():
     for variant, (widths, depths, heads, kernels) in OFFICIAL_CONFIGS.items():
@@ -164,11 +142,9 @@ def test_variant_config_matches_official_release():
         assert ours == (widths, depths, heads, kernels), variant
 
 
-@pytest.mark.parametrize("alias", sorted(ALIASES))
-def test_aliases_bind_their_variant(alias):
-    model = build_backbone(alias)
-    assert model.variant == ALIASES[alias]
-    assert model.out_channels == VARIANTS[ALIASES[alias]].widths
+def test_alias_names_are_the_official_constructors_and_release_files():
+    assert ALIASES == {**{f"EfficientViT_M{i}": f"m{i}" for i in range(6)},
+                       **{f"efficientvit_m{i}": f"m{i}" for i in range(6)}}
 
 
 @pytest.mark.parametrize("spelling", ["m0", "M0", "m-0", "M_0"])
@@ -176,43 +152,21 @@ def test_variant_names_are_case_insensitive(spelling):
     assert EfficientViT(spelling).variant == "m0"
 
 
-def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(ValueError, match=r"unknown variant 'M9'.*m0, m1, m2, m3, m4, m5"):
-        build_backbone("EfficientViT", "M9")
-    with pytest.raises(ValueError, match=r"cannot produce strides \[64\].*\(8, 16, 32\)"):
-        EfficientViT("m0", out_strides=[64])
-    with pytest.raises(ValueError, match=r"cannot produce strides \[8\].*\(16, 32, 64\)"):
+def test_layout_errors_name_the_layout_and_its_strides():
+    with pytest.raises(ValueError, match=r"layout='native'.*cannot produce strides \[8\].*\(16, 32, 64\)"):
         EfficientViT("m0", out_strides=[8], layout="native")
     with pytest.raises(ValueError, match=r"unknown layout 'swin'.*detection, native"):
         EfficientViT("m0", layout="swin")
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*\(1, 4, 64, 64\)"):
-        EfficientViT("m0")(torch.rand(1, 4, 64, 64))
     with pytest.raises(ValueError, match=r"blocks1.0.mixer.m.attn.attention_biases.*\(4, 12\).*not a square"):
         convert_official_state({"blocks1.0.mixer.m.attn.attention_biases": torch.zeros(4, 12)})
 
 
-def test_subset_of_strides_builds_only_what_it_returns():
-    model = EfficientViT("m0", out_strides=[16, 8])
-    assert model.out_strides == (8, 16) and model.out_channels == (64, 128)
-    assert len(model.stages) == 2  # no stride-32 stage
-    outputs = model.eval()(torch.rand(1, 3, 256, 256))
-    assert [tuple(o.shape) for o in outputs] == [(1, 64, 32, 32), (1, 128, 16, 16)]
+def test_native_layout_moves_the_same_stages_to_strides_16_32_64():
     native = EfficientViT("m0", out_strides=[32], layout="native")
     assert native.out_strides == (32,) and native.out_channels == (128,) and len(native.stages) == 2
-
-
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_m0_every_size_mode_and_dtype(mode, dtype):
-    model = EfficientViT("m0").to(dtype)
-    model.train(mode == "train")
-    for height, width in SIZES:
-        with torch.no_grad():
-            outputs = model(torch.rand(1, 3, height, width, dtype=dtype))
-        assert len(outputs) == 3
-        for out, channels, stride in zip(outputs, model.out_channels, model.out_strides):
-            assert out.shape == (1, channels, -(-height // stride), -(-width // stride))
-            assert out.dtype == dtype and torch.isfinite(out).all()
+    detection = EfficientViT("m0", out_strides=[16])
+    assert detection.state_dict().keys() == native.state_dict().keys()  # a stride is not a parameter
+    assert native.stem[-1].conv.stride == (2, 2) and detection.stem[-1].conv.stride == (1, 1)
 
 
 def test_native_layout_small_maps_are_padded_not_rejected():
@@ -332,7 +286,7 @@ def test_official_weights_reproduce_official_features(stem, tmp_path):
     overrides = {k: v["backbone"] for k, v in fixture["shape_mismatch_checkpoint_vs_backbone"].items()}
     state = official_state(listed["keys"], fixture["fill_scale"], integer_keys(listed["keys"]), overrides)
     model = EfficientViT(listed["variant"], layout="native", normalize_input=False)
-    report = model.load_pretrained(save_release(tmp_path, state))
+    report = model.load_pretrained(save_cream_release(tmp_path, state))
     assert report.complete and not report.missing and not report.fresh, report.summary()
     assert set(listed["head_keys"]) <= set(report.ignored)
     assert len(report.loaded) == len(model.state_dict())
@@ -361,7 +315,7 @@ def test_release_shaped_stage3_biases_are_resized_like_the_official_loader(stem,
     # The full release (4x4 stage-3 tables) loads completely, the resize happening in the loader.
     state = official_state(listed["keys"], listed["fixture"]["fill_scale"], integer_keys(listed["keys"]))
     model = EfficientViT(listed["variant"])
-    report = model.load_pretrained(save_release(tmp_path, state))
+    report = model.load_pretrained(save_cream_release(tmp_path, state))
     assert report.complete and not report.missing, report.summary()
     loaded = model.stages[2].blocks[0].mixer.attention_biases.detach()
     np.testing.assert_allclose(loaded.numpy(), reference["bias_resize_out"], rtol=0, atol=1e-7)
@@ -372,7 +326,7 @@ def test_variants_without_fixture_load_their_official_layout(variant, tmp_path):
     keys = official_key_shapes(variant)
     state = official_state(keys, 0.05, integer_keys(keys))
     model = EfficientViT(variant)
-    report = model.load_pretrained(save_release(tmp_path, state))
+    report = model.load_pretrained(save_cream_release(tmp_path, state))
     assert report.complete and not report.missing and not report.fresh, report.summary()
     assert {k for k in keys if k.startswith("head.")} <= set(report.ignored)
     assert len(report.loaded) == len(model.state_dict())
@@ -380,7 +334,7 @@ def test_variants_without_fixture_load_their_official_layout(variant, tmp_path):
 
 def test_partial_backbone_ignores_unbuilt_stage_and_registry_loads_weights(tmp_path):
     keys = official_key_shapes("m0")
-    path = save_release(tmp_path, official_state(keys, 0.05, integer_keys(keys)))
+    path = save_cream_release(tmp_path, official_state(keys, 0.05, integer_keys(keys)))
     partial = EfficientViT("m0", out_strides=[8, 16])
     report = partial.load_pretrained(path)
     assert report.complete and not report.missing, report.summary()
@@ -395,47 +349,23 @@ def test_partial_backbone_ignores_unbuilt_stage_and_registry_loads_weights(tmp_p
 
 
 # --------------------------------------------------------------------------------------------------
-# reparameterisation and gradients
+# reparameterisation, gradients of the native layout, YAML variants, export
 # --------------------------------------------------------------------------------------------------
 
-def test_reparameterize_is_exact_smaller_and_idempotent():
+def test_reparameterize_folds_every_batch_norm():
     model = EfficientViT("m0").eval()
-    randomize(model)
-    x = torch.rand(1, 3, 256, 320)
-    with torch.no_grad():
-        before = model(x)
-        count = sum(p.numel() for p in model.parameters())
-        model.reparameterize()
-        after = model(x)
-        fused_count = sum(p.numel() for p in model.parameters())
-        model.reparameterize()
-        again = model(x)
-    assert fused_count < count
-    assert sum(p.numel() for p in model.parameters()) == fused_count
+    model.reparameterize()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    for a, b, c in zip(after, before, again):
-        assert relative_diff(a, b) <= 1e-4
-        assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("layout,out_strides", [
-    ("detection", (8, 16, 32)), ("detection", (8, 16)), ("native", (16, 32, 64))])
-def test_every_parameter_gets_a_gradient(layout, out_strides):
-    model = EfficientViT("m0", out_strides=out_strides, layout=layout).train()
-    fresh = copy.deepcopy(model)
-    randomize(model)
-    for candidate in (fresh, model):
-        outputs = candidate(torch.rand(2, 3, 256, 256))
-        sum(o.float().mean() for o in outputs).backward()
-        assert all(p.grad is not None for p in candidate.parameters())
-    # With non-zero BN scales (a loaded checkpoint) every gradient is also non-zero and finite.
+def test_native_layout_gives_every_parameter_a_gradient():
+    model = EfficientViT("m0", layout="native").train()
+    randomize(model)  # non-zero BN scales, as in a loaded checkpoint: every gradient is then non-zero
+    outputs = model(torch.rand(2, 3, 256, 256))
+    sum(o.float().mean() for o in outputs).backward()
     for name, parameter in model.named_parameters():
         assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
 
-
-# --------------------------------------------------------------------------------------------------
-# model YAMLs
-# --------------------------------------------------------------------------------------------------
 
 YAMLS = {
     "yolov5-efficientvit.yaml": "m4",
@@ -444,30 +374,12 @@ YAMLS = {
 }
 
 
-@pytest.mark.parametrize("cfg", sorted(YAMLS))
-def test_yaml_builds_trains_and_fuses(cfg):
-    from models.yolo import DetectionModel
-
-    model = DetectionModel(cfg, nc=3)
-    backbone = model.model[0]
-    assert isinstance(backbone, EfficientViT) and backbone.variant == YAMLS[cfg]
-    assert backbone.out_strides == (8, 16, 32) and model.stride.tolist() == [8.0, 16.0, 32.0]
-    x = torch.rand(2, 3, 320, 320)
-    model.train()
-    raw = model(x)
-    assert [tuple(p.shape) for p in raw] == [(2, 3, 320 // s, 320 // s, 8) for s in (8, 16, 32)]
-    sum(p.float().mean() for p in raw).backward()
-    assert [n for n, p in model.named_parameters() if p.grad is None] == []
-    randomize(backbone)
-    model.eval()
-    with torch.no_grad():
-        decoded, _ = model(x[:1])
-        assert decoded.shape == (1, 3 * (40 * 40 + 20 * 20 + 10 * 10), 8)
-        model.fuse()
-        fused, _ = model(x[:1])
-    assert backbone.is_reparameterized
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
-    assert relative_diff(fused, decoded) <= 1e-4
+def test_every_efficientvit_yaml_is_listed_with_its_variant():
+    paths = sorted(MODEL_CONFIGS.glob("yolov5-efficientvit*.yaml"))
+    assert {p.name for p in paths} == set(YAMLS)
+    for path in paths:
+        _, _, name, args = yaml_load(path)["backbone"][0]
+        assert name == "EfficientViT" and EfficientViT.resolve_variant(args[0]) == YAMLS[path.name]
 
 
 @pytest.mark.slow

@@ -1,22 +1,23 @@
-"""FastViT backbone: build by name and alias, shapes at detection sizes, official weights and features,
-reparameterisation, gradients, and the detection YAMLs."""
+"""FastViT backbone, what is peculiar to it: the apple/ml-fastvit release layouts (training-time and
+`_reparam`), official features (fixtures), the stride-32 tap, what the fold keeps, output norms, layer
+scales and position encoding, YAML options. The generic Backbone contract (shapes, dtypes, gradients,
+reparameterize, errors) is in tests/test_backbone_contract.py."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
-from models.backbones import BACKBONES, build_backbone
+from models.backbones import build_backbone
 from models.backbones.fastvit import ALIASES, VARIANTS, FastViT, official_to_ours
+from tests.backbone_helpers import MODEL_CONFIGS, relative_diff, save_release
 from tests.reference_weights import assert_features_close, load_features, load_keys, official_state
+from utils.general import yaml_load
 
 PAPER_NAMES = ("T8", "T12", "S12", "SA12", "SA24", "SA36", "MA36")
 FIXTURES = ("fastvit_t8", "fastvit_sa12")
-DETECTION_SIZES = ((256, 256), (320, 320), (640, 640), (640, 512), (512, 640))
-YAMLS = ("yolov5-fastvit.yaml", "yolov5-fastvit-t8.yaml", "yolov5-fastvit-sa24.yaml",
-         "yolov5-fastvit-ma36.yaml")
+YAMLS = {"yolov5-fastvit.yaml": "sa12", "yolov5-fastvit-t8.yaml": "t8", "yolov5-fastvit-sa24.yaml": "sa24",
+         "yolov5-fastvit-ma36.yaml": "ma36"}
 
 
 # -- the official checkpoint layout, written from apple/ml-fastvit's classes (independent of our module) --
@@ -109,19 +110,14 @@ def official_keys(variant: str, fused: bool = False) -> dict[str, tuple]:
     return keys
 
 
-def save_release(state: dict, path) -> str:
+def save_apple_release(state: dict, path) -> str:
     """Write a state_dict in the release layout {'state_dict': ...}; returns the path as str."""
-    torch.save({"state_dict": state}, path)
-    return str(path)
+    return str(save_release(state, path, "state_dict"))
 
 
 def rule_filled(keys: dict) -> dict[str, torch.Tensor]:
     """The fixture fill rule over an official {name: shape} mapping (int64 zeros for num_batches_tracked)."""
     return official_state(keys, 0.1, non_float={k for k in keys if k.endswith("num_batches_tracked")})
-
-
-def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
 def randomise_for_folding(model: torch.nn.Module, seed: int = 0) -> None:
@@ -135,12 +131,6 @@ def randomise_for_folding(model: torch.nn.Module, seed: int = 0) -> None:
                 tensor.copy_(0.1 * torch.randn(tensor.shape, generator=g))
             elif "layer_scale" in name:
                 tensor.copy_(0.25 + 0.5 * torch.rand(tensor.shape, generator=g))
-
-
-@pytest.fixture(scope="module")
-def t8() -> FastViT:
-    torch.manual_seed(0)
-    return build_backbone("FastViT", "T8")
 
 
 # -- names, variants and declared outputs ---------------------------------------------------------------
@@ -157,22 +147,14 @@ def constant_filled(keys: dict) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", PAPER_NAMES)
 def test_every_variant_builds_by_paper_name_and_loads_the_official_layouts(name, tmp_path):
-    """Paper name -> declared channels equal to the forward's maps; the official training-time and
-    _reparam key lists (generated from the official classes) load with nothing missing, unexpected or
-    mismatched, the head ignored, the values where the renaming says."""
+    """The official training-time and _reparam key lists (generated from the official classes) load
+    with nothing missing, unexpected or mismatched, the head ignored, the values where the renaming says."""
     model = build_backbone("FastViT", name)
     variant = name.lower()
-    assert model.variant == variant and model.out_strides == (4, 8, 16, 32)
-    assert model.out_channels == VARIANTS[variant].widths
-    assert build_backbone("FastViT", variant.upper()[:1] + variant[1:], out_strides=[32]).out_channels == \
-        (VARIANTS[variant].widths[-1],)
-    with torch.no_grad():
-        outputs = model.eval()(torch.rand(1, 3, 256, 192))
-    assert [tuple(o.shape) for o in outputs] == [
-        (1, c, 256 // s, 192 // s) for c, s in zip(model.out_channels, model.out_strides)]
+    assert model.variant == variant and model.out_channels == VARIANTS[variant].widths
 
     release = constant_filled(official_keys(variant))
-    report = model.load_pretrained(save_release(release, tmp_path / "train.pth"))
+    report = model.load_pretrained(save_apple_release(release, tmp_path / "train.pth"))
     assert report.complete and not report.missing, report.summary()
     assert sorted(report.ignored) == sorted(k for k in release if k.startswith(("head.", "conv_exp.")))
     assert sorted(report.fresh) == sorted(k for k in model.state_dict()
@@ -184,68 +166,32 @@ def test_every_variant_builds_by_paper_name_and_loads_the_official_layouts(name,
                        release["patch_embed.1.rbr_scale.bn.running_var"])
 
     fused_release = constant_filled(official_keys(variant, fused=True))
-    report = model.load_pretrained(save_release(fused_release, tmp_path / "reparam.pth"))
+    report = model.load_pretrained(save_apple_release(fused_release, tmp_path / "reparam.pth"))
     assert model.is_reparameterized  # a _reparam release folds the module first
     assert report.complete and not report.missing, report.summary()
     assert len(report.loaded) == len([k for k in fused_release if not k.startswith(("head.", "conv_exp."))])
 
 
-def test_aliases_bind_their_variants():
-    expected = {f"fastvit_{v}": v for v in VARIANTS} | {f"FastViT_{v.upper()}": v for v in VARIANTS}
-    assert ALIASES == expected
-    for alias, variant in ALIASES.items():
-        entry = BACKBONES.get(alias)
-        assert entry.cls is FastViT and entry.variant == variant
-    model = build_backbone("FastViT_SA12", out_strides=(8, 16, 32))
-    assert model.variant == "sa12" and model.out_channels == (128, 256, 512)
-    assert build_backbone("fastvit_t8", "T8").variant == "t8"
-    with pytest.raises(ValueError, match="bound to variant"):
-        build_backbone("fastvit_t8", "sa12")
-
-
-def test_unknown_variant_and_stride_errors_are_clear():
-    known = "t8, t12, s12, sa12, sa24, sa36, ma36"
-    with pytest.raises(ValueError, match=rf"unknown variant 'sa48'; known: {known}"):
-        build_backbone("FastViT", "sa48")
-    with pytest.raises(ValueError, match="cannot produce strides"):
-        FastViT("t8", out_strides=(8, 64))
+def test_alias_names_are_the_official_constructors():
+    assert ALIASES == {f"fastvit_{v}": v for v in VARIANTS} | {f"FastViT_{v.upper()}": v for v in VARIANTS}
     with pytest.raises(ValueError, match="unknown variant"):
         official_to_ours(["patch_embed.0.rbr_conv.0.conv.weight"], "xl")
 
 
-def test_builds_only_what_the_requested_strides_need():
-    model = FastViT("sa12", out_strides=(4, 8))
-    assert len(model.stages) == 2 and model.out_channels == (64, 128)
-    assert set(model.norms) == {"stride4", "stride8"}
-    detection = FastViT("sa12", out_strides=(8, 16, 32))
-    assert set(detection.norms) == {"stride8", "stride16", "stride32"}
+def test_output_norms_are_built_for_the_requested_strides_or_not_at_all():
+    assert set(FastViT("sa12", out_strides=(4, 8)).norms) == {"stride4", "stride8"}
     assert FastViT("t8", out_norms=False).norms is None
 
 
-# -- input sizes, modes and dtypes ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("size,dtype,training", [
-    pytest.param(size, dtype, training,
-                 id=f"{size[0]}x{size[1]}-{str(dtype)[6:]}-{'train' if training else 'eval'}")
-    for size in DETECTION_SIZES for dtype in (torch.float32, torch.bfloat16) for training in (True, False)])
-def test_t8_forward_at_detection_sizes(t8, size, dtype, training):
-    model = copy.deepcopy(t8).to(dtype).train(training)
-    height, width = size
-    with torch.no_grad():
-        outputs = model(torch.rand(1, 3, height, width).to(dtype))
-    assert [tuple(o.shape) for o in outputs] == [
-        (1, c, height // s, width // s) for c, s in zip(model.out_channels, model.out_strides)]
-    assert all(o.dtype == dtype and torch.isfinite(o.float()).all() for o in outputs)
-
-
-def test_dtype_moves_give_the_same_features(t8):
-    model = copy.deepcopy(t8).eval()
+def test_dtype_moves_give_the_same_features():
+    torch.manual_seed(0)
+    model = build_backbone("FastViT", "T8").eval()
     x = torch.rand(1, 3, 128, 96)
     with torch.no_grad():
         reference = model(x)
         doubled = model.double()(x.double())
     for ours, ref in zip(doubled, reference):
-        assert ours.dtype == torch.float64 and relative_error(ours, ref) < 1e-5
+        assert ours.dtype == torch.float64 and relative_diff(ours, ref) < 1e-5
 
 
 # -- official weights: the fixtures ------------------------------------------------------------------------
@@ -268,7 +214,8 @@ def test_official_weights_give_the_official_features(stem, tmp_path):
     keys, refs = load_keys(stem), load_features(stem)
     variant = keys["variant"].lower()
     model = FastViT(variant, normalize_input=False, out_norms=False)
-    report = model.load_pretrained(save_release(rule_filled(keys["keys"]), tmp_path / f"{stem}.pth.tar"))
+    path = save_apple_release(rule_filled(keys["keys"]), tmp_path / f"{stem}.pth.tar")
+    report = model.load_pretrained(path)
     assert report.complete and not report.missing and not report.fresh, report.summary()
     assert sorted(report.ignored) == sorted(keys["head_keys"])
     model.eval()
@@ -292,7 +239,7 @@ def test_official_weights_give_the_official_features(stem, tmp_path):
     release = {k: ours[n].reshape(fused_keys[k]) for k, n in backbone.items()}
     release |= {k: torch.zeros(fused_keys[k]) for k in keys["reparam_release"]["head_keys"]}
     fresh = FastViT(variant, normalize_input=False, out_norms=False)
-    report = fresh.load_pretrained(save_release(release, tmp_path / f"{stem}_reparam.pth.tar"))
+    report = fresh.load_pretrained(save_apple_release(release, tmp_path / f"{stem}_reparam.pth.tar"))
     assert report.complete and not report.missing, report.summary()
     with torch.no_grad():
         for stride, feature in zip(fresh.eval().out_strides, fresh(x)):
@@ -305,19 +252,19 @@ def test_sa12_stride32_is_after_attention_not_the_position_encoding(tmp_path):
     the attention stage."""
     keys, refs = load_keys("fastvit_sa12"), load_features("fastvit_sa12")
     model = FastViT("sa12", out_strides=(32,), normalize_input=False, out_norms=False)
-    model.load_pretrained(save_release(rule_filled(keys["keys"]), tmp_path / "sa12.pth.tar"))
+    model.load_pretrained(save_apple_release(rule_filled(keys["keys"]), tmp_path / "sa12.pth.tar"))
     taps = []
     model.stages[3].pos_enc.register_forward_hook(lambda module, args, out: taps.append(out))
     with torch.no_grad():
         (stride32,) = model.eval()(torch.from_numpy(refs["input"]))
     assert_features_close(taps[0], refs["cpe_32"], rel=1e-5, what="cpe_32")
     assert_features_close(stride32, refs["feat_32"], rel=1e-5, what="feat_32")
-    assert relative_error(stride32, torch.from_numpy(refs["cpe_32"])) > 0.1
+    assert relative_diff(stride32, torch.from_numpy(refs["cpe_32"])) > 0.1
 
 
 def test_load_errors_and_partial_builds(tmp_path):
     keys = load_keys("fastvit_t8")
-    path = save_release(rule_filled(keys["keys"]), tmp_path / "t8.pth.tar")
+    path = save_apple_release(rule_filled(keys["keys"]), tmp_path / "t8.pth.tar")
     shallow = FastViT("t8", out_strides=(4, 8), out_norms=False)
     report = shallow.load_pretrained(path)  # deeper stages are ignored, not unexpected
     assert report.complete and not report.missing
@@ -331,7 +278,7 @@ def test_load_errors_and_partial_builds(tmp_path):
     broken = rule_filled(keys["keys"]) | {"network.9.0.layer_scale": torch.zeros(1)}
     broken["network.0.0.layer_scale"] = torch.zeros(7)
     with pytest.raises(RuntimeError, match=r"UNEXPECTED 1: network.9.0.layer_scale.*SHAPE MISMATCH 1"):
-        build_backbone("FastViT", "t8", weights=save_release(broken, tmp_path / "broken.pth"))
+        build_backbone("FastViT", "t8", weights=save_apple_release(broken, tmp_path / "broken.pth"))
 
     # a detection-framework file: `backbone.` prefix and the official dense-prediction norms norm0/2/4/6
     fork_norms = {f"norm{i}.{leaf}": torch.full((channels,), 0.5 + i)
@@ -343,7 +290,7 @@ def test_load_errors_and_partial_builds(tmp_path):
     assert torch.equal(model.norms.stride4.weight, fork_norms["norm0.weight"])
     assert torch.equal(model.norms.stride32.running_var, fork_norms["norm6.running_var"])
     report = FastViT("sa12", out_norms=False).load_pretrained(
-        save_release(rule_filled(load_keys("fastvit_sa12")["keys"]) | {"norm6.weight": torch.ones(512)},
+        save_apple_release(rule_filled(load_keys("fastvit_sa12")["keys"]) | {"norm6.weight": torch.ones(512)},
                      tmp_path / "sa12_norm6.pth"))
     assert report.complete and "norm6.weight" in report.ignored  # SA norm6 sits before attention: no home
 
@@ -351,7 +298,9 @@ def test_load_errors_and_partial_builds(tmp_path):
 # -- reparameterisation ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["t8", "sa12"])
-def test_reparameterize_is_exact_smaller_and_idempotent(variant):
+def test_reparameterize_folds_the_branches_and_keeps_the_ffn_norms(variant):
+    """The paper's inference form: branches folded into single convs, the ConvFFN depthwise BN and the
+    attention stage as they are (the layout of the official `_reparam` releases)."""
     torch.manual_seed(0)
     model = FastViT(variant)
     randomise_for_folding(model)
@@ -359,35 +308,15 @@ def test_reparameterize_is_exact_smaller_and_idempotent(variant):
     x = torch.rand(1, 3, 160, 128)
     with torch.no_grad():
         before = model(x)
-        params_before = sum(p.numel() for p in model.parameters())
         model.reparameterize()
         after = model(x)
-        state_once = {k: v.clone() for k, v in model.state_dict().items()}
-        model.reparameterize()
-        again = model(x)
-    assert model.is_reparameterized
-    assert sum(p.numel() for p in model.parameters()) < params_before
-    for b, a, g in zip(before, after, again):
-        assert relative_error(a, b) < 1e-4
-        assert torch.equal(a, g)
-    assert state_once.keys() == model.state_dict().keys()
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state_once.items())
-    assert not any(k.split(".")[-2] in ("mixer", "rbr_conv", "conv_branches", "large", "small")
-                   for k in model.state_dict())
+    assert all(relative_diff(a, b) < 1e-4 for a, b in zip(after, before))
+    keys = model.state_dict()
+    assert not any(k.split(".")[-2] in ("mixer", "rbr_conv", "conv_branches", "large", "small") for k in keys)
+    assert "stages.0.blocks.0.ffn.depthwise.bn.running_var" in keys
 
 
-# -- training: gradients, no stale state ---------------------------------------------------------------------
-
-@pytest.mark.parametrize("variant,out_strides,drop_path", [
-    ("t8", (8, 16, 32), 0.1), ("t8", None, 0.0), ("sa12", (8, 16, 32), 0.0), ("sa12", None, 0.1)])
-def test_every_parameter_gets_a_gradient(variant, out_strides, drop_path):
-    torch.manual_seed(0)
-    model = FastViT(variant, out_strides=out_strides, drop_path_rate=drop_path).train()
-    outputs = model(torch.rand(2, 3, 64, 64))
-    sum(o.square().mean() for o in outputs).backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not no_grad, no_grad[:5]
-
+# -- no stale state ------------------------------------------------------------------------------------------
 
 def test_in_place_weight_updates_in_eval_take_effect():
     """No cached tables: an EMA-style in-place update in eval mode changes the next output."""
@@ -400,8 +329,8 @@ def test_in_place_weight_updates_in_eval_take_effect():
         after_attention = model(x)[0]
         model.stages[3].pos_enc.conv.weight.add_(0.5)
         after_cpe = model(x)[0]
-    assert relative_error(after_attention, before) > 1e-3
-    assert relative_error(after_cpe, after_attention) > 1e-3
+    assert relative_diff(after_attention, before) > 1e-3
+    assert relative_diff(after_cpe, after_attention) > 1e-3
 
 
 def test_no_weight_decay_names_layer_scales_and_position_encoding():
@@ -419,34 +348,12 @@ def test_no_weight_decay_names_layer_scales_and_position_encoding():
 
 # -- detection YAMLs ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", YAMLS)
-def test_yaml_builds_trains_one_step_and_fuses(cfg):
-    from models.yolo import DetectionModel
-
-    torch.manual_seed(0)
-    model = DetectionModel(cfg, nc=3)
-    backbone = model.model[0]
-    assert isinstance(backbone, FastViT) and backbone.out_strides == (8, 16, 32)
-    assert model.stride.tolist() == [8.0, 16.0, 32.0]
-
-    model.train()
-    raw = model(torch.rand(2, 3, 320, 320))
-    assert [tuple(p.shape) for p in raw] == [(2, 3, 320 // s, 320 // s, 8) for s in (8, 16, 32)]
-    sum(p.sum() for p in raw).backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
-    assert not no_grad, no_grad[:5]
-
-    model.eval()
-    x = torch.rand(1, 3, 320, 320)
-    with torch.no_grad():
-        decoded, maps = model(x)
-        assert tuple(decoded.shape) == (1, 3 * (40 * 40 + 20 * 20 + 10 * 10), 8)
-        params = sum(p.numel() for p in model.parameters())
-        model.fuse()
-        assert backbone.is_reparameterized and sum(p.numel() for p in model.parameters()) < params
-        _, fused_maps = model(x)
-    for fused, unfused in zip(fused_maps, maps):
-        assert relative_error(fused, unfused) < 1e-4
+def test_every_fastvit_yaml_is_listed_with_its_variant():
+    paths = sorted(MODEL_CONFIGS.glob("yolov5-fastvit*.yaml"))
+    assert {p.name for p in paths} == set(YAMLS)
+    for path in paths:
+        _, _, name, args = yaml_load(path)["backbone"][0]
+        assert name == "FastViT" and FastViT.resolve_variant(args[0]) == YAMLS[path.name]
 
 
 def test_yaml_row_with_alias_and_mapping_options():

@@ -1,17 +1,19 @@
-"""LeViT backbone: contract, names, input sizes and dtypes, attention biases at any map size,
-official weights (fixture features), reparameterisation, gradients and the model YAMLs."""
+"""LeViT backbone, what is peculiar to it: the official specification and drop-path recipe, the
+detection and official layouts, attention biases at any map size, official weights (fixture features),
+YAML rows. The generic Backbone contract (shapes, dtypes, gradients, reparameterize, errors) is in
+tests/test_backbone_contract.py."""
 
 from __future__ import annotations
 
 import copy
 import itertools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.backbones import build_backbone, load_state_into
+from models.backbones import build_backbone
+from models.backbones.layers import DropPath
 from models.backbones.levit import (
     ALIASES,
     VARIANTS,
@@ -19,31 +21,27 @@ from models.backbones.levit import (
     convert_official_state,
     official_module_map,
 )
-from models.backbones.levit_blocks import Attention, AttentionSubsample, ConvNorm, relative_position_bias
+from models.backbones.levit_blocks import Attention, AttentionSubsample, relative_position_bias
+from tests.backbone_helpers import (
+    MODEL_CONFIGS,
+    integer_keys,
+    one_thread,  # noqa: F401  (autouse)
+    relative_diff,
+)
 from tests.reference_weights import assert_features_close, load_features, load_keys, official_state
+from utils.general import yaml_load
 
-PAPER_NAMES = ["128S", "128", "192", "256", "384"]
-SIZES = [(256, 256), (320, 320), (640, 640), (640, 512), (512, 640)]
 FIXTURE = "levit_128s"
 
 # The `specification` table of the official levit.py (facebookresearch/LeViT), as written there:
-# C widths, D key dim, N heads, X depths.
+# C widths, D key dim, N heads, X depths, drop_path.
 OFFICIAL_SPEC = {
-    "128s": ("128_256_384", 16, "4_6_8", "2_3_4"),
-    "128": ("128_256_384", 16, "4_8_12", "4_4_4"),
-    "192": ("192_288_384", 32, "3_5_6", "4_4_4"),
-    "256": ("256_384_512", 32, "4_6_8", "4_4_4"),
-    "384": ("384_512_768", 32, "6_9_12", "4_4_4"),
+    "128s": ("128_256_384", 16, "4_6_8", "2_3_4", 0),
+    "128": ("128_256_384", 16, "4_8_12", "4_4_4", 0),
+    "192": ("192_288_384", 32, "3_5_6", "4_4_4", 0),
+    "256": ("256_384_512", 32, "4_6_8", "4_4_4", 0),
+    "384": ("384_512_768", 32, "6_9_12", "4_4_4", 0.1),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared by many jobs: one intra-op thread avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,10 +102,6 @@ def official_key_shapes(variant: str) -> dict[str, list[int]]:
     return keys
 
 
-def integer_keys(keys) -> set[str]:
-    return {k for k in keys if k.endswith(("num_batches_tracked", "attention_bias_idxs"))}
-
-
 @pytest.fixture(scope="module")
 def fixture_state() -> dict[str, torch.Tensor]:
     """The official LeViT-128S state_dict filled by the fixtures' rule (head keys included)."""
@@ -118,14 +112,9 @@ def fixture_state() -> dict[str, torch.Tensor]:
 def loaded(state, variant="128s", **options) -> LeViT:
     """A LeViT filled from an official state_dict in memory (asserts a complete load)."""
     model = LeViT(variant, **options)
-    ours, ignored = convert_official_state(state, variant, model.num_stem_convs, model.num_stages)
-    report = load_state_into(model, ours, ignored=ignored)
+    report = model.load_official_state(state)
     assert report.complete and not report.fresh, report.summary()
     return model
-
-
-def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
 def official_bias_index(side: int, stride: int) -> torch.Tensor:
@@ -144,33 +133,31 @@ def official_bias_index(side: int, stride: int) -> torch.Tensor:
 # build, names, contract
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", PAPER_NAMES)
-def test_every_variant_builds_by_name_and_matches_declared_outputs(name):
-    model = build_backbone("LeViT", name).eval()
-    assert model.out_strides == (4, 8, 16, 32)
-    width = VARIANTS[name.lower()].widths
-    assert model.out_channels == (width[0] // 4, width[0] // 2, width[0], width[1])
-    with torch.no_grad():
-        outputs = model(torch.rand(1, 3, 256, 192))
-    assert [tuple(o.shape) for o in outputs] == [
-        (1, c, math.ceil(256 / s), math.ceil(192 / s)) for c, s in zip(model.out_channels, model.out_strides)]
-
-
 def test_variant_config_matches_official_specification():
     assert set(VARIANTS) == set(OFFICIAL_SPEC)
-    for key, (widths, key_dim, heads, depths) in OFFICIAL_SPEC.items():
+    for key, (widths, key_dim, heads, depths, drop_path) in OFFICIAL_SPEC.items():
         config = VARIANTS[key]
-        assert (config.widths, config.key_dim, config.heads, config.depths) == \
-            (_numbers(widths), key_dim, _numbers(heads), _numbers(depths))
+        assert (config.widths, config.key_dim, config.heads, config.depths, config.drop_path) == \
+            (_numbers(widths), key_dim, _numbers(heads), _numbers(depths), drop_path)
 
 
-@pytest.mark.parametrize("alias", sorted(ALIASES))
-def test_aliases_bind_their_variant(alias):
-    model = build_backbone(alias, out_strides=(8, 16, 32))
-    assert isinstance(model, LeViT) and model.variant == ALIASES[alias]
-    assert alias == VARIANTS[model.variant].official_name
-    with pytest.raises(ValueError, match="bound to variant"):
-        build_backbone(alias, "384" if ALIASES[alias] != "384" else "128S")
+def test_alias_names_are_the_official_constructors():
+    assert ALIASES == {config.official_name: key for key, config in VARIANTS.items()}
+    assert set(ALIASES) == {"LeViT_128S", "LeViT_128", "LeViT_192", "LeViT_256", "LeViT_384"}
+
+
+def test_drop_path_defaults_to_the_official_recipe_on_every_residual_branch():
+    """LeViT-384 trains with drop path 0.1, the others with 0 (official specification); the rate
+    rises linearly over the residual blocks (shrink blocks included) to reach it at the last block."""
+    def rates(model):
+        return [m.rate for m in model.modules() if isinstance(m, DropPath)]
+
+    assert set(rates(LeViT("256", layout="official"))) == {0.0}
+    official = rates(LeViT("384", layout="official"))
+    assert len(official) == 4 + 2 * (1 + 4)  # stage blocks plus one per shrink block
+    assert official[0] == 0.0 and official[-1] == pytest.approx(0.1) and official == sorted(official)
+    assert rates(LeViT("384", out_strides=(8, 16, 32))) == official[:9]  # the full model's schedule
+    assert set(rates(LeViT("384", drop_path_rate=0.0))) == {0.0}
 
 
 @pytest.mark.parametrize("spelling", ["128S", "128s", "128-S", "LeViT_128S"])
@@ -181,20 +168,16 @@ def test_variant_names_are_case_insensitive(spelling):
         assert LeViT(spelling).variant == "128s"
 
 
-def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(ValueError, match=r"unknown variant 'tiny'; known: 128s, 128, 192, 256, 384"):
-        build_backbone("LeViT", "tiny")
-    with pytest.raises(ValueError, match=r"cannot produce strides \[64\]"):
+def test_layout_errors_name_the_layout_and_its_strides():
+    with pytest.raises(ValueError, match=r"layout='detection'.*cannot produce strides \[64\]"):
         LeViT("128s", out_strides=(16, 32, 64))
-    with pytest.raises(ValueError, match=r"official layout.*\(8, 16\)"):
+    with pytest.raises(ValueError, match=r"layout='official'.*cannot produce strides \[8\].*\(16, 32, 64\)"):
         LeViT("128s", out_strides=(8, 16), layout="official")
     with pytest.raises(ValueError, match="unknown layout 'native'"):
         LeViT("128s", layout="native")
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*\(1, 1, 64, 64\)"):
-        LeViT("128s")(torch.rand(1, 1, 64, 64))
 
 
-def test_only_what_is_returned_is_built():
+def test_stem_convs_and_stages_are_built_up_to_the_deepest_stride():
     assert LeViT("128s", out_strides=(8,)).num_stages == 0
     assert len(LeViT("128s", out_strides=(8,)).stem.convs) == 3
     assert len(LeViT("128s", out_strides=(4,)).stem.convs) == 2
@@ -206,23 +189,16 @@ def test_only_what_is_returned_is_built():
     assert len(official.stages) == 3
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_128s_every_size_mode_and_dtype(fixture_state, train, dtype):
-    model = loaded(fixture_state, out_strides=(8, 16, 32)).train(train)
-    reference = copy.deepcopy(model).eval()
-    model.to(dtype)
-    for height, width in SIZES:
-        x = torch.rand(1, 3, height, width)
-        with torch.no_grad():
-            outputs = model(x.to(dtype))
-        assert [tuple(o.shape) for o in outputs] == [
-            (1, c, height // s, width // s) for c, s in zip(model.out_channels, model.out_strides)]
-        assert all(o.dtype == dtype and torch.isfinite(o.float()).all() for o in outputs)
-        if dtype == torch.bfloat16 and not train:  # bf16 tracks float32 to its precision
-            with torch.no_grad():
-                expected = reference(x)
-            assert all(relative_diff(o, e) < 0.05 for o, e in zip(outputs, expected))
+@pytest.mark.parametrize("size", [(640, 512), (320, 256)], ids=["640x512", "320x256"])
+def test_bf16_tracks_float32_with_the_fixture_weights(fixture_state, size):
+    """With trained-like weights (the fixture's), bf16 stays within bf16 precision of float32 where the
+    bias tables are resized to the 40x32 and 20x16 maps of detection inputs."""
+    model = loaded(fixture_state, out_strides=(8, 16, 32)).eval()
+    x = torch.rand(1, 3, *size)
+    with torch.no_grad():
+        expected = model(x)
+        outputs = copy.deepcopy(model).to(torch.bfloat16)(x.bfloat16())
+    assert all(o.dtype == torch.bfloat16 and relative_diff(o, e) < 0.05 for o, e in zip(outputs, expected))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,14 +268,20 @@ def test_key_generator_matches_fixture_key_list():
 
 
 def test_key_conversion_examples():
-    module_map = official_module_map("128s", num_stem_convs=4, num_stages=2)
+    module_map = official_module_map("128s")
     assert module_map["patch_embed.6.c"] == "stem.convs.3.conv"
     assert module_map["blocks.2.m"] == "stages.0.blocks.1.attn"
     assert module_map["blocks.3.m.2.bn"] == "stages.0.blocks.1.mlp.fc2.bn"
     assert module_map["blocks.4.q.1.c"] == "stages.1.downsample.attn.q.conv"
     assert module_map["blocks.5.m.0.bn"] == "stages.1.downsample.mlp.fc1.bn"
     assert module_map["blocks.6.m.qkv.c"] == "stages.1.blocks.0.attn.qkv.conv"
-    assert module_map["blocks.12"] is None and module_map["blocks.21.m.2.c"] is None  # stage 3 unbuilt
+    assert module_map["blocks.12"] == "stages.2.downsample.attn"
+    assert module_map["blocks.21.m.2.c"] == "stages.2.blocks.3.mlp.fc2.conv"
+    detection = LeViT("128s", out_strides=(8, 16, 32))  # stage 3 not built: its keys are split off
+    release = {"blocks.12.kv.c.weight": torch.ones(1), "head.l.bias": torch.ones(1)}
+    kept, unbuilt = detection.split_unbuilt(
+        release, rename=lambda key: key.replace("blocks.12.", "stages.2.downsample.attn."))
+    assert unbuilt == ["blocks.12.kv.c.weight"] and list(kept) == ["head.l.bias"]
     release = {"blocks.0.m.qkv.c.weight": torch.ones(256, 128), "head.l.bias": torch.ones(3),
                "blocks.0.m.attention_bias_idxs": torch.zeros(2, dtype=torch.long),
                "bogus.weight": torch.ones(1)}
@@ -352,74 +334,35 @@ def test_variants_without_fixture_load_their_official_layout(variant):
              for name, shape in keys.items()}
     for layout, out_strides in (("official", None), ("detection", (8, 16, 32))):
         model = LeViT(variant, out_strides=out_strides, layout=layout)
-        ours, ignored = convert_official_state(state, variant, model.num_stem_convs, model.num_stages)
-        report = load_state_into(model, ours, ignored=ignored)
+        report = model.load_official_state(state)
         assert report.complete and not report.fresh and len(report.loaded) == len(model.state_dict())
-        assert {k for k in keys if k.startswith("head")} <= set(ignored)
+        assert {k for k in keys if k.startswith("head")} <= set(report.ignored)
 
 
 # --------------------------------------------------------------------------------------------------
-# reparameterisation and gradients
+# reparameterisation, gradients with the fixture weights, model YAMLs
 # --------------------------------------------------------------------------------------------------
 
-def test_reparameterize_is_exact_smaller_and_idempotent(fixture_state):
+def test_reparameterize_folds_every_batch_norm_of_the_fixture_model(fixture_state):
     model = loaded(fixture_state, out_strides=(8, 16, 32)).eval()
     x = torch.rand(1, 3, 320, 256)
-    count = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         before = model(x)
         model.reparameterize()
         after = model(x)
-        fused_count = sum(p.numel() for p in model.parameters())
-        model.reparameterize()
-        again = model(x)
-    assert fused_count < count and sum(p.numel() for p in model.parameters()) == fused_count
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert all(isinstance(m.bn, torch.nn.Identity) for m in model.modules() if isinstance(m, ConvNorm))
-    for a, b, c in zip(after, before, again):
-        assert relative_diff(a, b) <= 1e-4 and torch.equal(a, c)
+    assert all(relative_diff(a, b) <= 1e-4 for a, b in zip(after, before))
 
-
-@pytest.mark.parametrize("out_strides", [(8, 16, 32), (4, 8, 16, 32)])
-def test_every_parameter_gets_a_gradient(fixture_state, out_strides):
-    model = loaded(fixture_state, out_strides=out_strides).train()
-    outputs = model(torch.rand(2, 3, 256, 192))
-    # Random weights per output: a plain sum of a BN output has zero gradient.
-    sum((o * torch.randn_like(o)).sum() for o in outputs).backward()
-    for name, parameter in model.named_parameters():
-        assert parameter.grad is not None, name
-        assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
-
-
-# --------------------------------------------------------------------------------------------------
-# model YAMLs
-# --------------------------------------------------------------------------------------------------
 
 YAMLS = {"yolov5-levit.yaml": "128s", "yolov5-levit-256.yaml": "256", "yolov5-levit-384.yaml": "384"}
 
 
-@pytest.mark.parametrize("cfg", sorted(YAMLS))
-def test_yaml_builds_trains_and_fuses(cfg):
-    from models.yolo import DetectionModel
-
-    model = DetectionModel(cfg, nc=3)
-    backbone = model.model[0]
-    assert isinstance(backbone, LeViT) and backbone.variant == YAMLS[cfg]
-    assert backbone.out_strides == (8, 16, 32) and model.stride.tolist() == [8.0, 16.0, 32.0]
-    x = torch.rand(2, 3, 320, 320)
-    model.train()
-    raw = model(x)
-    assert [tuple(p.shape) for p in raw] == [(2, 3, 320 // s, 320 // s, 8) for s in (8, 16, 32)]
-    sum((p * torch.randn_like(p)).sum() for p in raw).backward()
-    assert [n for n, p in model.named_parameters() if p.grad is None] == []
-    model.eval()
-    with torch.no_grad():
-        decoded, _ = model(x[:1])
-        assert decoded.shape == (1, 3 * (40 * 40 + 20 * 20 + 10 * 10), 8)
-        model.fuse()
-        fused, _ = model(x[:1])
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
-    assert relative_diff(fused, decoded) <= 1e-4
+def test_every_levit_yaml_is_listed_with_its_variant():
+    paths = sorted(MODEL_CONFIGS.glob("yolov5-levit*.yaml"))
+    assert {p.name for p in paths} == set(YAMLS)
+    for path in paths:
+        _, _, name, args = yaml_load(path)["backbone"][0]
+        assert name == "LeViT" and LeViT.resolve_variant(args[0]) == YAMLS[path.name]
 
 
 def test_yaml_rows_accept_the_official_name_and_a_weights_mapping(fixture_state, tmp_path):

@@ -1,26 +1,30 @@
-"""MPViT backbone: build by name, shapes and dtypes, official weights, fusion, gradients, YAML models."""
+"""MPViT backbone, what is peculiar to it: paper names, detectron2 channels and official parameter
+counts, official weights (fixture features, shared position-encoding aliases), bf16 fold, stale caches,
+YAML weights. The generic Backbone contract (shapes, dtypes, gradients, reparameterize, errors) is in
+tests/test_backbone_contract.py."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from models.backbones import BACKBONES, build_backbone
+from engine.memory import training_step_peak_memory
+from models.backbones import build_backbone
 from models.backbones.mpvit import (
     ALIASES,
+    VARIANTS,
     MPViT,
     MPViTConfig,
-    VARIANTS,
     convert_official_state,
     official_key_to_ours,
 )
 from models.backbones.mpvit_blocks import CRPE_WINDOWS
+from tests.backbone_helpers import MODEL_CONFIGS, count_parameters, relative_diff
 from tests.reference_weights import assert_features_close, load_features, load_keys, official_state
-from engine.memory import training_step_peak_memory
+from utils.general import yaml_load
 
 # Backbone widths at strides 4/8/16/32 as the official detectron2 backbone declares them.
 DETECTRON2_CHANNELS = {
@@ -33,12 +37,8 @@ DETECTRON2_CHANNELS = {
 OFFICIAL_CLASSIFIER_PARAMS = {"tiny": 5843736, "xsmall": 10573448, "small": 22892400, "base": 74845976}
 PAPER_NAMES = {"tiny": ["Tiny", "T", "MPViT-T"], "xsmall": ["XSmall", "XS"], "small": ["Small", "S"],
                "base": ["Base", "B"]}
-SIZES = [(256, 256), (320, 320), (640, 640), (640, 512), (512, 640)]
-ROOT = Path(__file__).resolve().parents[1]
-MPVIT_YAMLS = sorted((ROOT / "configs" / "models").glob("yolov5-mpvit*.yaml"))
-# The default YAML runs in the quick suite; the larger variants' YAMLs are end-to-end checks marked slow.
-YAML_PARAMS = [pytest.param(p, id=p.name, marks=() if p.name == "yolov5-mpvit.yaml" else pytest.mark.slow)
-               for p in MPVIT_YAMLS]
+YAMLS = {"yolov5-mpvit.yaml": "tiny", "yolov5-mpvit-xsmall.yaml": "xsmall",
+         "yolov5-mpvit-small.yaml": "small"}
 
 
 def official_key_shapes(config: MPViTConfig, num_classes: int = 1000) -> dict[str, list[int]]:
@@ -113,14 +113,6 @@ def save_official_release(keys: dict[str, list[int]], path: Path,
     return state
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory):
     """MPViT-Tiny filled with the fixture weights through load_pretrained, in eval mode."""
@@ -136,76 +128,19 @@ def tiny_reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_variant_builds_by_paper_name_with_declared_outputs(variant):
+def test_every_variant_builds_by_paper_name_with_the_official_channels_and_size(variant):
     for name in PAPER_NAMES[variant]:
         assert build_backbone("MPViT", name).variant == variant
-    model = build_backbone("MPViT", PAPER_NAMES[variant][0]).eval()
-    assert model.out_strides == (4, 8, 16, 32)
+    model = build_backbone("MPViT", PAPER_NAMES[variant][0])
     assert model.out_channels == DETECTRON2_CHANNELS[variant]
     head = VARIANTS[variant].embed_dims[-1] * 1000 + 1000
     assert count_parameters(model) + head == OFFICIAL_CLASSIFIER_PARAMS[variant]
-    with torch.no_grad():
-        outputs = model(torch.rand(1, 3, 128, 96))
-    assert [tuple(o.shape) for o in outputs] == [(1, c, 128 // s, 96 // s) for c, s in
-                                                 zip(model.out_channels, model.out_strides)]
 
 
-@pytest.mark.parametrize("alias", sorted(ALIASES))
-def test_aliases_bind_their_variant(alias):
-    assert BACKBONES.get(alias).cls is MPViT
-    assert BACKBONES.get(alias).variant == ALIASES[alias]
-    if ALIASES[alias] in ("tiny", "xsmall"):  # building the larger ones again adds nothing but time
-        model = build_backbone(alias, out_strides=(8, 16, 32))
-        assert model.variant == ALIASES[alias]
-        assert model.out_channels == DETECTRON2_CHANNELS[ALIASES[alias]][1:]
-    with pytest.raises(ValueError, match="bound to variant"):
-        build_backbone(alias, "base" if ALIASES[alias] != "base" else "tiny")
-
-
-def test_unknown_variant_lists_known_ones():
-    with pytest.raises(ValueError, match=r"unknown variant 'huge'.*tiny, xsmall, small, base"):
-        build_backbone("MPViT", "huge")
-    with pytest.raises(ValueError, match="cannot produce strides"):
-        MPViT("tiny", out_strides=(8, 64))
-
-
-def test_out_strides_subset_builds_only_needed_stages():
-    model = MPViT("tiny", out_strides=(4, 8))
-    assert len(model.stages) == 2 and model.out_channels == (96, 176)
-    detection = MPViT("tiny", out_strides=(32, 8, 16))
-    assert detection.out_strides == (8, 16, 32) and detection.out_channels == (176, 216, 216)
-    assert len(detection.stages) == 4
-
-
-# ---------------------------------------------------------------- sizes, modes, dtypes
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("train", [True, False])
-def test_tiny_shapes_at_every_size_mode_and_dtype(train, dtype):
-    model = MPViT("tiny").to(dtype).train(train)
-    for height, width in SIZES:
-        with torch.no_grad():
-            outputs = model(torch.rand(1, 3, height, width, dtype=dtype))
-        expected = [(1, c, -(-height // s), -(-width // s))
-                    for c, s in zip(model.out_channels, model.out_strides)]
-        assert [tuple(o.shape) for o in outputs] == expected, (height, width)
-        assert all(o.dtype == dtype and torch.isfinite(o.float()).all() for o in outputs)
-
-
-def test_input_normalisation_is_imagenet_mean_std():
-    torch.manual_seed(0)
-    normalising = MPViT("tiny", out_strides=(8,)).eval()
-    raw = MPViT("tiny", out_strides=(8,), normalize_input=False).eval()
-    raw.load_state_dict(normalising.state_dict())
-    x = torch.rand(1, 3, 64, 64)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        torch.testing.assert_close(normalising(x)[0], raw((x - mean) / std)[0])
-    assert "pixel_mean" not in normalising.state_dict()  # non-persistent: checkpoints stay official-shaped
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        normalising(torch.rand(1, 1, 64, 64))
+def test_alias_names_are_the_official_constructors():
+    assert ALIASES == {**{f"mpvit_{v}": v for v in VARIANTS},
+                       **{"MPViT_Tiny": "tiny", "MPViT_XSmall": "xsmall", "MPViT_Small": "small",
+                          "MPViT_Base": "base"}}
 
 
 # ---------------------------------------------------------------- official weights
@@ -295,22 +230,17 @@ def test_converter_is_pure_and_names_every_rule():
 # ---------------------------------------------------------------- reparameterize
 
 
-def test_reparameterize_is_exact_smaller_and_idempotent(tiny_reference):
+def test_reparameterize_is_exact_with_the_fixture_weights(tiny_reference):
+    """MPViT has no paper-level re-parameterisation (the fixture has no fused features): the Conv+BN
+    folds must keep the official features."""
     model = copy.deepcopy(tiny_reference[0])
-    x = torch.from_numpy(tiny_reference[3]["input"])
-    with torch.no_grad():
-        before = model(x)
-    params_before = count_parameters(model)
+    features = tiny_reference[3]
     model.reparameterize()
-    assert model.is_fused
-    params_fused = count_parameters(model)
-    assert params_fused < params_before
-    model.reparameterize()
-    assert count_parameters(model) == params_fused
+    assert model.is_reparameterized and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     with torch.no_grad():
-        after = model(x)
-    for a, b in zip(after, before):
-        assert relative_difference(a, b) <= 1e-4
+        outputs = model(torch.from_numpy(features["input"]))
+    for output, stride in zip(outputs, model.out_strides):
+        assert_features_close(output, features[f"feat_{stride}"], rel=1e-5, what=f"fused feat_{stride}")
 
 
 def test_reparameterize_keeps_dtype_in_bf16():
@@ -321,22 +251,10 @@ def test_reparameterize_keeps_dtype_in_bf16():
         model.reparameterize()
         after = model(x)[0]
     assert after.dtype == torch.bfloat16
-    assert relative_difference(after, before) < 5e-2  # bf16 rounding only
+    assert relative_diff(after, before) < 5e-2  # bf16 rounding only
 
 
 # ---------------------------------------------------------------- training
-
-
-@pytest.mark.parametrize("out_strides", [(8, 16, 32), (4, 8, 16, 32), (4, 8)])
-def test_every_parameter_gets_a_gradient(out_strides):
-    torch.manual_seed(0)
-    model = MPViT("tiny", out_strides=out_strides, drop_path_rate=0.1).train()
-    outputs = model(torch.rand(2, 3, 64, 96))
-    sum(o.square().mean() for o in outputs).backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
-    assert not no_grad, no_grad
-    zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
-    assert not zero, zero
 
 
 def test_no_weight_decay_names_position_encodings():
@@ -349,19 +267,6 @@ def test_no_weight_decay_names_position_encodings():
     assert not any(".attn." in n or ".mlp." in n for n in names)
 
 
-def test_drop_path_is_random_in_training_only():
-    model = MPViT("tiny", out_strides=(8,), drop_path_rate=0.5)
-    x = torch.rand(4, 3, 64, 64)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        first, second = model.train()(x)[0], model(x)[0]
-        assert not torch.equal(first, second)
-        model.eval()
-        torch.testing.assert_close(model(x)[0], model(x)[0], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="rate must be in"):
-        MPViT("tiny", drop_path_rate=1.0)
-
-
 def test_no_stale_cache_after_in_place_update_and_dtype_move(tiny_reference):
     # MPViT has no attention-bias tables; its relative position encoding is a conv, computed on every
     # call. An EMA-style in-place update in eval mode must show in the next output.
@@ -371,59 +276,35 @@ def test_no_stale_cache_after_in_place_update_and_dtype_move(tiny_reference):
         before = model(x)[-1]
         model.stages[3].encoders[0].crpe.convs[0].weight.mul_(3.0)
         after = model(x)[-1]
-        assert relative_difference(after, before) > 1e-4
+        assert relative_diff(after, before) > 1e-4
         bf16 = model.to(torch.bfloat16)(x.to(torch.bfloat16))[-1]
     assert bf16.dtype == torch.bfloat16
-    assert relative_difference(bf16, after) < 5e-2
+    assert relative_diff(bf16, after) < 5e-2
 
 
 # ---------------------------------------------------------------- YAML models
 
 
-def test_yaml_files_exist_and_name_mpvit():
-    names = {p.name for p in MPVIT_YAMLS}
-    assert "yolov5-mpvit.yaml" in names, names
-    for path in MPVIT_YAMLS:
-        assert "MPViT" in path.read_text()
+def test_every_mpvit_yaml_is_listed_with_its_variant():
+    paths = sorted(MODEL_CONFIGS.glob("yolov5-mpvit*.yaml"))
+    assert {p.name for p in paths} == set(YAMLS)
+    for path in paths:
+        _, _, name, args = yaml_load(path)["backbone"][0]
+        assert name == "MPViT" and MPViT.resolve_variant(args[0]) == YAMLS[path.name]
 
 
 def test_yaml_mapping_row_loads_official_weights(tmp_path):
-    yolo = pytest.importorskip("models.yolo", reason="models/yolo.py (DetectionModel) not available yet")
-    from utils.general import yaml_load
+    from models.yolo import DetectionModel
 
     path = tmp_path / "mpvit_tiny.pth"
     official = save_official_release(load_keys("mpvit_tiny")["keys"], path)
-    cfg = yaml_load(ROOT / "configs" / "models" / "yolov5-mpvit.yaml")
+    cfg = yaml_load(MODEL_CONFIGS / "yolov5-mpvit.yaml")
     cfg["backbone"][0] = [-1, 1, "MPViT", [{"arch": "T", "weights": str(path)}]]
-    model = yolo.DetectionModel(cfg, nc=2)
+    model = DetectionModel(cfg, nc=2)
     backbone = next(m for m in model.modules() if isinstance(m, MPViT))
     assert backbone.variant == "tiny" and backbone.out_strides == (8, 16, 32)
     name = "mhca_stages.3.mhca_blks.2.MHCA_layers.0.mlp.fc2.weight"
     torch.testing.assert_close(backbone.state_dict()[official_key_to_ours(name)], official[name])
-
-
-@pytest.mark.parametrize("cfg", YAML_PARAMS)
-def test_yaml_model_trains_and_evaluates(cfg):
-    yolo = pytest.importorskip("models.yolo", reason="models/yolo.py (DetectionModel) not available yet")
-    torch.manual_seed(0)
-    model = yolo.DetectionModel(str(cfg), ch=3, nc=3)
-    backbone = next(m for m in model.modules() if isinstance(m, MPViT))
-    assert backbone.out_strides == (8, 16, 32)
-    x = torch.rand(2, 3, 320, 320)
-    model.train()
-    raw = model(x)
-    assert [tuple(r.shape[2:4]) for r in raw] == [(40, 40), (20, 20), (10, 10)]
-    sum(r.float().square().mean() for r in raw).backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing, missing
-    model.eval()
-    with torch.no_grad():
-        decoded, _ = model(x[:1])
-        model.fuse()
-        fused, _ = model(x[:1])
-    assert decoded.shape[0] == 1 and decoded.shape[-1] == 5 + 3
-    assert backbone.is_fused
-    np.testing.assert_allclose(fused.numpy(), decoded.numpy(), rtol=0, atol=1e-3 * float(decoded.abs().max()))
 
 
 # ---------------------------------------------------------------- training memory (engine/memory.py)

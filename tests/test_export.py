@@ -196,7 +196,7 @@ def test_broken_export_fails_with_non_zero_exit_and_leaves_no_file(tmp_path, mon
     with caplog.at_level(logging.ERROR, logger="vitdet"):
         status = export_main(["--weights", str(weights), "--include", "onnx", "--imgsz", str(IMGSZ)])
     assert status == 1
-    assert any(re.search(r"export failed: onnx export failed verification .* relative diff 0\.01 > tolerance",
+    assert any(re.search(r"export failed: onnx export failed verification .* relative diff 0\.01\d* > tolerance",
                          r.getMessage()) for r in caplog.records)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]  # neither the export nor a temp file
 

@@ -1,13 +1,16 @@
-"""Swappable backbones: the contract, the registry and the families.
+"""Swappable backbones: the template, the registry and the families.
 
     build_backbone("FastViT", "sa12")           # by family and variant (case-insensitive)
     build_backbone("EfficientViT_M0")           # by a seed alias that binds the variant
     available()                                 # every name a model YAML may use
+
+A new family is a `Backbone` subclass (see `base.py` for what it declares) in its own module, listed
+once in `_families()` below with its aliases.
 """
 
 from __future__ import annotations
 
-from .base import Backbone, LoadReport, load_state_into, normalise_variant_name, read_checkpoint
+from .base import Backbone, Feature, LoadReport, load_state_into, normalise_variant_name, read_checkpoint
 from .registry import Registry
 
 
@@ -23,19 +26,16 @@ def _default_registry() -> Registry:
 
 def _families() -> list:
     """(class, {alias: variant}) for each shipped family; imported here so a broken family fails loudly."""
-    families = []
-    # Each family module exposes ALIASES = {seed name: variant}. Uncomment a family's two lines when it lands.
-    from .riformer import ALIASES as RIFORMER_ALIASES, RIFormer
-    families.append((RIFormer, RIFORMER_ALIASES))
-    from .efficientvit import ALIASES as EFFICIENTVIT_ALIASES, EfficientViT
-    families.append((EfficientViT, EFFICIENTVIT_ALIASES))
-    from .fastvit import ALIASES as FASTVIT_ALIASES, FastViT
-    families.append((FastViT, FASTVIT_ALIASES))
-    from .mpvit import ALIASES as MPVIT_ALIASES, MPViT
-    families.append((MPViT, MPVIT_ALIASES))
-    from .levit import ALIASES as LEVIT_ALIASES, LeViT
-    families.append((LeViT, LEVIT_ALIASES))
-    return families
+    from . import efficientvit, fastvit, levit, mpvit, riformer
+
+    # Each family module holds its class and ALIASES = {YAML-usable alias: variant}.
+    return [
+        (riformer.RIFormer, riformer.ALIASES),
+        (efficientvit.EfficientViT, efficientvit.ALIASES),
+        (fastvit.FastViT, fastvit.ALIASES),
+        (mpvit.MPViT, mpvit.ALIASES),
+        (levit.LeViT, levit.ALIASES),
+    ]
 
 
 BACKBONES = _default_registry()
@@ -54,6 +54,7 @@ def available() -> list[str]:
 __all__ = [
     "BACKBONES",
     "Backbone",
+    "Feature",
     "LoadReport",
     "Registry",
     "available",

@@ -46,10 +46,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import LOGGER, Backbone, LoadReport, load_state_into, read_checkpoint
-from .layers import IMAGENET_MEAN, IMAGENET_STD
+from .base import Backbone, Feature, LoadReport, read_checkpoint
 from .efficientvit_blocks import ConvBN, Stage, resize_bias_table
-
 
 # Stage strides per layout (stage 1, 2, 3).
 LAYOUT_STRIDES: dict[str, tuple[int, int, int]] = {
@@ -105,7 +103,13 @@ class EfficientViT(Backbone):
 
     family = "EfficientViT"
     variants = VARIANTS
-    supported_strides = LAYOUT_STRIDES["detection"]
+
+    @classmethod
+    def declare_features(cls, config: EfficientViTConfig, layout: str = "detection") -> list[Feature]:
+        """Stage i returns its map at the layout's i-th stride (8/16/32 or 16/32/64)."""
+        strides = LAYOUT_STRIDES[_check_layout(layout)]
+        return [Feature(stride, width, f"stages.{i}")
+                for i, (stride, width) in enumerate(zip(strides, config.widths))]
 
     def __init__(
         self,
@@ -114,49 +118,16 @@ class EfficientViT(Backbone):
         layout: str = "detection",
         normalize_input: bool = True,
     ):
-        super().__init__()
-        self.variant = self.resolve_variant(variant)
-        self.config = VARIANTS[self.variant]
-        self.layout = _check_layout(layout)
-        self.supported_strides = LAYOUT_STRIDES[self.layout]
-        self.out_strides = self.check_out_strides(out_strides, layout=self.layout)
-        num_stages = self.supported_strides.index(self.out_strides[-1]) + 1
-        self.stage_strides = self.supported_strides[:num_stages]
-        self.out_channels = tuple(self.config.widths[self.stage_strides.index(s)] for s in self.out_strides)
+        super().__init__(variant, out_strides, normalize_input=normalize_input, layout=layout)
+        self.layout = layout
         self.window_size = self.config.window_size
-        self.normalize_input = normalize_input
-        if normalize_input:
-            self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.stem = _build_stem(self.config.widths[0], last_stride=1 if self.layout == "detection" else 2)
-        self.stages = nn.ModuleList(_build_stage(self.config, i) for i in range(num_stages))
-        self.is_reparameterized = False
+        self.stem = _build_stem(self.config.widths[0], last_stride=1 if layout == "detection" else 2)
+        self.stages = nn.ModuleList(_build_stage(self.config, i) for i in range(self.num_built("stages")))
 
-    @classmethod
-    def check_out_strides(
-        cls, out_strides: Sequence[int] | None, layout: str = "detection"
-    ) -> tuple[int, ...]:
-        """Validate a requested subset of the strides of `layout` (None = all of them)."""
-        supported = LAYOUT_STRIDES[_check_layout(layout)]
-        if out_strides is None:
-            return supported
-        wanted = tuple(sorted(int(s) for s in out_strides))
-        bad = [s for s in wanted if s not in supported]
-        if bad or not wanted or len(set(wanted)) != len(wanted):
-            raise ValueError(f"EfficientViT ({layout} layout): cannot produce strides "
-                             f"{bad or list(out_strides)} (requested {list(out_strides)}); "
-                             f"it produces {supported}")
-        return wanted
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) RGB in [0, 1] -> one map per `out_strides` entry, shallow to deep."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"EfficientViT expects a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
-        if self.normalize_input:
-            x = (x - self.input_mean) / self.input_std
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         outputs = []
-        for stage, stride in zip(self.stages, self.stage_strides):
+        for stage, stride in zip(self.stages, self.supported_strides):
             x = stage(x)
             if stride in self.out_strides:
                 outputs.append(x)
@@ -166,42 +137,15 @@ class EfficientViT(Backbone):
         """The attention-bias tables (the official recipe exempts them from weight decay)."""
         return {name for name, _ in self.named_parameters() if name.endswith("attention_biases")}
 
-    def reparameterize(self) -> None:
-        """Fold every Conv+BN pair into one conv with bias (in place, exact, idempotent).
-
-        Uses the BN running statistics, i.e. reproduces eval-mode outputs. Load weights before this.
-        """
-        for module in self.modules():
-            if isinstance(module, ConvBN):
-                module.fuse()
-        self.is_reparameterized = True
-
     def load_pretrained(self, path: str | Path) -> LoadReport:
         """Load an official classification release (e.g. efficientvit_m4.pth) into this module."""
         if self.is_reparameterized:
             raise RuntimeError(f"EfficientViT: load {path} before reparameterize(); the fused module "
                                "has no BatchNorm entries to receive the release's statistics")
         official = read_checkpoint(path, top_level_keys=("model", "state_dict"))
-        official, unbuilt = self._split_unbuilt_stages(official)
-        if unbuilt:
-            LOGGER.info(f"EfficientViT: {len(unbuilt)} tensors of stages deeper than stride "
-                        f"{self.out_strides[-1]} not loaded (those stages are not built)")
+        official, unbuilt = self.split_unbuilt(official, rename=official_key_to_ours)
         state, ignored = convert_official_state(official, window_size=self.window_size)
-        return load_state_into(self, state, source=str(path), ignored=ignored + unbuilt, fresh=())
-
-    def _split_unbuilt_stages(
-        self, official: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """Split off the official `blocks{k}.*` tensors of stages this instance does not build."""
-        pattern = re.compile(r"(?:module\.)?blocks(\d+)\.")
-        kept, unbuilt = {}, []
-        for key, value in official.items():
-            match = pattern.match(key)
-            if match and int(match[1]) > len(self.stages):
-                unbuilt.append(key)
-            else:
-                kept[key] = value
-        return kept, unbuilt
+        return self.finish_loading(state, path, ignored=ignored, unbuilt=unbuilt)
 
 
 def _check_layout(layout: str) -> str:

@@ -17,55 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class ConvBN(nn.Module):
-    """Conv2d without bias followed by BatchNorm2d ('same' padding for odd kernels).
-
-    `fuse()` folds the BatchNorm into the convolution (in place, exact up to float rounding,
-    idempotent): `conv` gains a bias and `bn` becomes an Identity.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 1,
-        stride: int = 1,
-        groups: int = 1,
-        bn_weight_init: float = 1.0,
-    ):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
-                              groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        # A zero BN scale makes a residual branch start as the identity (official training recipe).
-        nn.init.constant_(self.bn.weight, bn_weight_init)
-        nn.init.zeros_(self.bn.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
-
-    @property
-    def is_fused(self) -> bool:
-        return isinstance(self.bn, nn.Identity)
-
-    @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold the BatchNorm (running statistics, i.e. eval behaviour) into the convolution."""
-        if self.is_fused:
-            return
-        conv, bn = self.conv, self.bn
-        # Fold in float64 so the folded weights are as close to the two-step result as float32 allows.
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        weight = conv.weight.double() * scale[:, None, None, None]
-        bias = bn.bias.double() - bn.running_mean.double() * scale
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          groups=conv.groups, bias=True)
-        fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        fused.weight.copy_(weight.to(conv.weight.dtype))
-        fused.bias.copy_(bias.to(conv.weight.dtype))
-        self.conv = fused
-        self.bn = nn.Identity()
+from .layers import ConvBN  # Conv2d (no bias) + BatchNorm2d, folded by reparameterize()
 
 
 class FeedForward(nn.Module):

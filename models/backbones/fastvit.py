@@ -30,6 +30,7 @@ norms stay as they are.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,17 +39,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import LOGGER, Backbone, LoadReport, load_state_into, normalise_variant_name, read_checkpoint
-from .layers import IMAGENET_MEAN, IMAGENET_STD
-from .fastvit_blocks import (
-    AttentionBlock,
-    PatchEmbed,
-    RepCPE,
-    RepMixerBlock,
-    Reparameterizable,
-    reparameterize_tree,
-    stem,
-)
+from .base import Backbone, Feature, LoadReport, normalise_variant_name, read_checkpoint
+from .fastvit_blocks import AttentionBlock, PatchEmbed, RepCPE, RepMixerBlock, stem
+from .layers import drop_path_rates
+
+LOGGER = logging.getLogger("vitdet." + __name__)
 
 STAGE_STRIDES = (4, 8, 16, 32)
 
@@ -114,37 +109,32 @@ class FastViT(Backbone):
 
     family = "FastViT"
     variants = VARIANTS
-    supported_strides = STAGE_STRIDES
+
+    @classmethod
+    def declare_features(cls, config: FastViTConfig) -> list[Feature]:
+        """Stage i returns stride 4 * 2**i, through the BatchNorm `norms.stride{s}` when out_norms is on."""
+        return [Feature(stride, width, f"stages.{i}", f"norms.stride{stride}")
+                for i, (stride, width) in enumerate(zip(STAGE_STRIDES, config.widths))]
 
     def __init__(self, variant: str, out_strides: Sequence[int] | None = None, normalize_input: bool = True,
                  out_norms: bool = True, drop_path_rate: float = 0.0) -> None:
-        super().__init__()
-        self.variant = self.resolve_variant(variant)
-        config = VARIANTS[self.variant]
-        self.out_strides = self.check_out_strides(out_strides)
-        self.normalize_input = bool(normalize_input)
-        num_stages = STAGE_STRIDES.index(self.out_strides[-1]) + 1
-        self.out_channels = tuple(config.widths[STAGE_STRIDES.index(s)] for s in self.out_strides)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
-
-        rates = drop_path_rates(config.depths, drop_path_rate)
+        super().__init__(variant, out_strides, normalize_input=normalize_input)
+        config = self.config
+        rates = drop_path_rates(drop_path_rate, config.depths)
         self.stem = stem(config.widths[0])
-        self.stages = nn.ModuleList()
-        for i in range(num_stages):
-            attention = config.attention_last and i == len(config.depths) - 1
-            first_block = sum(config.depths[:i])
-            self.stages.append(FastViTStage(
-                config.widths[max(i - 1, 0)], config.widths[i], config.depths[i], config.mlp_ratio,
-                downsample=i > 0, attention=attention, layer_scale_init=config.layer_scale_init,
-                drop_path_rates=rates[first_block:first_block + config.depths[i]]))
+        self.stages = nn.ModuleList(self._build_stage(i, rates[i]) for i in range(self.num_built("stages")))
         self.norms = nn.ModuleDict({
-            f"stride{s}": nn.BatchNorm2d(c) for s, c in zip(self.out_strides, self.out_channels)
+            f"stride{feature.stride}": nn.BatchNorm2d(feature.channels) for feature in self.out_features
         }) if out_norms else None
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.normalize_input:
-            x = (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
+    def _build_stage(self, index: int, rates: Sequence[float]) -> FastViTStage:
+        config = self.config
+        return FastViTStage(
+            config.widths[max(index - 1, 0)], config.widths[index], config.depths[index], config.mlp_ratio,
+            downsample=index > 0, attention=config.attention_last and index == len(config.depths) - 1,
+            layer_scale_init=config.layer_scale_init, drop_path_rates=rates)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         outputs = []
         for stride, stage in zip(STAGE_STRIDES, self.stages):
@@ -152,17 +142,6 @@ class FastViT(Backbone):
             if stride in self.out_strides:
                 outputs.append(self.norms[f"stride{stride}"](x) if self.norms is not None else x)
         return outputs
-
-    @property
-    def is_reparameterized(self) -> bool:
-        """True once `reparameterize()` has folded the blocks."""
-        return any(m.is_fused for m in self.modules() if isinstance(m, Reparameterizable))
-
-    def reparameterize(self) -> None:
-        """Fold MobileOne blocks, RepMixers, large-kernel convs and RepCPE into single convs, in place.
-
-        Exact for eval mode (BatchNorm running statistics are folded); idempotent."""
-        reparameterize_tree(self)
 
     def no_weight_decay(self) -> set[str]:
         """Layer scales and the position-encoding conv (attention has no bias tables in FastViT)."""
@@ -173,7 +152,8 @@ class FastViT(Backbone):
         """Load an apple/ml-fastvit release (`fastvit_<v>.pth.tar` or `fastvit_<v>_reparam.pth.tar`).
 
         A `_reparam` file loads into the folded form: this module is reparameterised first if it is not
-        yet. A training-time file cannot load into an already folded module (an error says so).
+        yet. A training-time file cannot load into an already folded module (an error says so). The head,
+        and stages or output norms this instance does not build, are ignored.
         """
         state = read_checkpoint(path, top_level_keys=("state_dict", "model"), prefix="backbone.")
         release_fused = is_reparameterized_release(state)
@@ -183,38 +163,11 @@ class FastViT(Backbone):
         elif not release_fused and self.is_reparameterized:
             raise ValueError(f"{path}: a training-time (unfused) FastViT release cannot load into a module "
                              "that was already reparameterised; load it before calling reparameterize()")
-        ours, ignored = self._place_official_keys(state)
-        fresh = [key for key in self.state_dict() if key.startswith("norms.") and key not in ours]
-        if fresh:
-            LOGGER.info(f"{path}: output norms {sorted({k.split('.')[1] for k in fresh})} are not in the "
-                        "release; they start fresh")
-        return load_state_into(self, ours, source=str(path), ignored=ignored, fresh=fresh)
-
-    def _place_official_keys(self, state: Mapping[str, torch.Tensor]
-                             ) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """(our state, ignored official keys): the head, and stages or norms this instance does not build
-        (strides deeper than requested, output norms turned off) are ignored."""
         names = official_to_ours(state, self.variant)
-        built = set(self.state_dict())
-        ours, ignored = {}, []
-        for official, value in state.items():
-            key = names[official]
-            if key is None or (key not in built and self._is_unbuilt_part(key)):
-                ignored.append(official)
-            else:
-                ours[key] = value
-        return ours, ignored
-
-    def _is_unbuilt_part(self, key: str) -> bool:
-        """True for our keys of a stage deeper than the built ones or of an output norm not built."""
-        match = re.match(r"stages\.(\d+)\.|norms\.", key)
-        return match is not None and (match.group(1) is None or int(match.group(1)) >= len(self.stages))
-
-
-def drop_path_rates(depths: Sequence[int], rate: float) -> list[float]:
-    """Stochastic-depth rate of each block, rising linearly from 0 to `rate` over all blocks."""
-    total = sum(depths)
-    return [rate * i / max(total - 1, 1) for i in range(total)]
+        state, unbuilt = self.split_unbuilt(state, rename=names.get)
+        ours = {names[key]: value for key, value in state.items() if names[key] is not None}
+        ignored = [key for key in state if names[key] is None]
+        return self.finish_loading(ours, path, ignored=ignored, unbuilt=unbuilt)
 
 
 def is_reparameterized_release(state: Mapping[str, torch.Tensor]) -> bool:

@@ -15,13 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath
-
-
-def fuse_conv_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold `bn` (running statistics) into a bias-free conv `kernel` (out, in/groups, k, k)."""
-    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    return kernel * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+from .layers import DropPath, fold_batch_norm
 
 
 def identity_kernel(channels: int, groups: int, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -53,18 +47,20 @@ def new_fused_conv(geometry: ConvGeometry, weight: torch.Tensor, bias: torch.Ten
     return conv
 
 
-class Reparameterizable(nn.Module, metaclass=ABCMeta):
-    """A block with a folded inference form. `reparameterize()` is in place and idempotent."""
+class FoldsIntoConv(nn.Module, metaclass=ABCMeta):
+    """A multi-branch block whose inference form is one conv: `reparameterize()` sums the branches'
+    folded kernels into `fused_conv` and drops the branches (in place, idempotent). The shared fuse
+    walker (`layers.reparameterize_modules`) calls it; the block folds its children itself."""
 
     fused_conv: nn.Conv2d | None
     geometry: ConvGeometry  # of the folded conv
 
     @property
-    def is_fused(self) -> bool:
+    def is_reparameterized(self) -> bool:
         return getattr(self, "fused_conv", None) is not None
 
     def reparameterize(self) -> None:
-        if self.is_fused:
+        if self.is_reparameterized:
             return
         with torch.no_grad():
             weight, bias = self.fused_kernel_bias()
@@ -80,17 +76,12 @@ class Reparameterizable(nn.Module, metaclass=ABCMeta):
         """Remove the train-time branches (their names leave the state_dict)."""
 
 
-def reparameterize_tree(root: nn.Module) -> None:
-    """Fold every outermost `Reparameterizable` below `root` (a folded block consumes its children)."""
-    for child in list(root.children()):
-        if isinstance(child, Reparameterizable):
-            child.reparameterize()
-        else:
-            reparameterize_tree(child)
+class ConvBNBranch(nn.Sequential):
+    """Bias-free conv then BatchNorm; 'same' padding, so stride s gives ceil(H / s).
 
-
-class ConvBN(nn.Sequential):
-    """Bias-free conv then BatchNorm; 'same' padding, so stride s gives ceil(H / s)."""
+    Not foldable on its own: the block that holds it sums its `fused_kernel_bias()` into one conv, and
+    the ConvFFN's depthwise one stays unfolded, as in the official `_reparam` releases.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1) -> None:
@@ -100,10 +91,10 @@ class ConvBN(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_channels)
 
     def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return fuse_conv_bn(self.conv.weight, self.bn)
+        return fold_batch_norm(self.conv.weight, None, self.bn)
 
 
-class MobileOneBlock(Reparameterizable):
+class MobileOneBlock(FoldsIntoConv):
     """MobileOne block: sum of conv-BN branches, a 1x1 conv-BN "scale" branch (k > 1) and an identity BN
     (when the shape is kept), then GELU. Folds into one k x k conv (+ GELU)."""
 
@@ -114,9 +105,9 @@ class MobileOneBlock(Reparameterizable):
         self.kernel_size = kernel_size
         self.fused_conv = None
         self.conv_branches = nn.ModuleList(
-            ConvBN(in_channels, out_channels, kernel_size, stride, groups) for _ in range(conv_branches)
+            ConvBNBranch(in_channels, out_channels, kernel_size, stride, groups) for _ in range(conv_branches)
         ) if conv_branches > 0 else None
-        self.scale_branch = ConvBN(in_channels, out_channels, 1, stride, groups) \
+        self.scale_branch = ConvBNBranch(in_channels, out_channels, 1, stride, groups) \
             if kernel_size > 1 and use_scale_branch else None
         keeps_shape = in_channels == out_channels and stride == 1
         self.identity_bn = nn.BatchNorm2d(in_channels) if keeps_shape else None
@@ -148,7 +139,7 @@ class MobileOneBlock(Reparameterizable):
             weight, bias = weight + F.pad(scale_weight, [pad] * 4), bias + scale_bias
         if self.identity_bn is not None:
             eye = identity_kernel(geometry.in_channels, geometry.groups, self.kernel_size, like)
-            skip_weight, skip_bias = fuse_conv_bn(eye, self.identity_bn)
+            skip_weight, skip_bias = fold_batch_norm(eye, None, self.identity_bn)
             weight, bias = weight + skip_weight, bias + skip_bias
         return weight, bias
 
@@ -158,7 +149,7 @@ class MobileOneBlock(Reparameterizable):
         self.identity_bn = None
 
 
-class ReparamLargeKernelConv(Reparameterizable):
+class ReparamLargeKernelConv(FoldsIntoConv):
     """Depthwise(-multiplier) large-kernel conv-BN plus a 3x3 conv-BN, folded into one large kernel.
 
     No activation: the official block computes a GELU and discards it, and the released weights were
@@ -172,8 +163,8 @@ class ReparamLargeKernelConv(Reparameterizable):
             raise ValueError(f"small kernel {small_kernel} is larger than the large kernel {kernel_size}")
         self.kernel_size = kernel_size
         self.fused_conv = None
-        self.large = ConvBN(in_channels, out_channels, kernel_size, stride, groups)
-        self.small = ConvBN(in_channels, out_channels, small_kernel, stride, groups)
+        self.large = ConvBNBranch(in_channels, out_channels, kernel_size, stride, groups)
+        self.small = ConvBNBranch(in_channels, out_channels, small_kernel, stride, groups)
         self.geometry = ConvGeometry(in_channels, out_channels, stride, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +197,7 @@ class PatchEmbed(nn.Module):
         return self.pointwise(self.large_kernel(x))
 
 
-class RepMixer(Reparameterizable):
+class RepMixer(FoldsIntoConv):
     """Token mixing x + s * (DWConv-BN mix(x) - BN(x)); folds into one depthwise conv (identity included)."""
 
     def __init__(self, dim: int, kernel_size: int = 3, layer_scale_init: float = 1e-5) -> None:
@@ -238,7 +229,7 @@ class RepMixer(Reparameterizable):
         self.layer_scale = None
 
 
-class RepCPE(Reparameterizable):
+class RepCPE(FoldsIntoConv):
     """Conditional position encoding x + DWConv7x7(x) (with bias); folds into one depthwise conv."""
 
     def __init__(self, dim: int, kernel_size: int = 7) -> None:
@@ -267,7 +258,7 @@ class ConvFFN(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.depthwise = ConvBN(dim, dim, 7, groups=dim)
+        self.depthwise = ConvBNBranch(dim, dim, 7, groups=dim)
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)

@@ -30,6 +30,12 @@ stride 16 (1600 tokens at 640x640, 6400 at 1280x1280).
 Input normalisation: the official weights expect ImageNet mean/std; with `normalize_input=True`
 (default) forward maps RGB in [0, 1] accordingly. The reference fixtures feed raw input, so their test
 turns it off.
+
+Stochastic depth: `drop_path_rate=None` (default) takes the official recipe's rate, 0.1 for LeViT-384
+and 0 for the others (the `drop_path` of the official `specification`). The official code drops every
+residual branch (attention and MLP) with that one constant rate; here it follows the schedule shared by
+all families (`layers.drop_path_rates`): rising linearly over the residual blocks of the full model to
+the rate at the last block.
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import LOGGER, Backbone, LoadReport, load_state_into, normalise_variant_name, read_checkpoint
-from .layers import IMAGENET_MEAN, IMAGENET_STD
-from .levit_blocks import ConvNorm, ConvStem, LeViTStage
+from .base import Backbone, Feature, LoadReport, normalise_variant_name, read_checkpoint
+from .layers import drop_path_rates
+from .levit_blocks import ConvStem, LeViTStage
 
 TRAINED_SIDES = (14, 7, 4)  # stage map sides at the official 224 input (224 / 16, then ceil halves)
 HEAD_PREFIXES = ("head.", "head_dist.")
@@ -62,6 +68,7 @@ class LeViTConfig:
     official_name: str
     weights_url: str
     imagenet_top1: float  # official README, trained with distillation, 224x224
+    drop_path: float = 0.0  # stochastic depth of the official training recipe
 
 
 _RELEASE = "https://dl.fbaipublicfiles.com/LeViT/"
@@ -75,95 +82,88 @@ VARIANTS: dict[str, LeViTConfig] = {
     "256": LeViTConfig((256, 384, 512), 32, (4, 6, 8), (4, 4, 4), "LeViT_256",
                        _RELEASE + "LeViT-256-13b5763e.pth", 81.6),
     "384": LeViTConfig((384, 512, 768), 32, (6, 9, 12), (4, 4, 4), "LeViT_384",
-                       _RELEASE + "LeViT-384-9bdaf2e2.pth", 82.6),
+                       _RELEASE + "LeViT-384-9bdaf2e2.pth", 82.6, drop_path=0.1),
 }
 
 # Official constructor names (levit.py) -> variant; they are also the <Family>_<Variant> forms.
 ALIASES: dict[str, str] = {config.official_name: key for key, config in VARIANTS.items()}
 
 
-def official_module_map(variant: str, num_stem_convs: int = 4, num_stages: int = 3) -> dict[str, str | None]:
-    """Official module prefix -> ours (None where our module is not built at this depth).
+def official_module_map(variant: str) -> dict[str, str]:
+    """Official module prefix -> ours, for the full model (all four stem convs and three stages).
 
     Official blocks are one flat list: per stage, attention (`blocks.j.m`) and MLP (`blocks.j+1.m`)
     pairs, with a shrink attention (`blocks.j`, not residual) and its MLP between stages.
     """
     config = VARIANTS[normalise_variant_name(variant)]
-    pairs: dict[str, str | None] = {}
+    pairs: dict[str, str] = {}
     for index in range(4):
-        ours = f"stem.convs.{index}" if index < num_stem_convs else None
-        _add_conv_norm(pairs, f"patch_embed.{2 * index}", ours)
+        _add_conv_norm(pairs, f"patch_embed.{2 * index}", f"stem.convs.{index}")
     official = 0
     for stage in range(3):
-        ours = f"stages.{stage}" if stage < num_stages else None
+        ours = f"stages.{stage}"
         if stage > 0:
-            _add_shrink(pairs, official, _join(ours, "downsample"))
+            _add_shrink(pairs, official, f"{ours}.downsample")
             official += 2
         for block in range(config.depths[stage]):
-            _add_block(pairs, official, _join(ours, f"blocks.{block}"))
+            _add_block(pairs, official, f"{ours}.blocks.{block}")
             official += 2
     return pairs
 
 
-def _join(base: str | None, suffix: str) -> str | None:
-    return None if base is None else f"{base}.{suffix}"
+def _add_conv_norm(pairs: dict[str, str], official: str, ours: str) -> None:
+    pairs[f"{official}.c"] = f"{ours}.conv"
+    pairs[f"{official}.bn"] = f"{ours}.bn"
 
 
-def _add_conv_norm(pairs: dict[str, str | None], official: str, ours: str | None) -> None:
-    pairs[f"{official}.c"] = _join(ours, "conv")
-    pairs[f"{official}.bn"] = _join(ours, "bn")
+def _add_mlp(pairs: dict[str, str], official_index: int, ours: str) -> None:
+    _add_conv_norm(pairs, f"blocks.{official_index}.m.0", f"{ours}.fc1")
+    _add_conv_norm(pairs, f"blocks.{official_index}.m.2", f"{ours}.fc2")
 
 
-def _add_mlp(pairs: dict[str, str | None], official_index: int, ours: str | None) -> None:
-    _add_conv_norm(pairs, f"blocks.{official_index}.m.0", _join(ours, "fc1"))
-    _add_conv_norm(pairs, f"blocks.{official_index}.m.2", _join(ours, "fc2"))
-
-
-def _add_block(pairs: dict[str, str | None], official_index: int, ours: str | None) -> None:
-    attn = _join(ours, "attn")
+def _add_block(pairs: dict[str, str], official_index: int, ours: str) -> None:
+    attn = f"{ours}.attn"
     pairs[f"blocks.{official_index}.m"] = attn  # holds attention_biases
-    _add_conv_norm(pairs, f"blocks.{official_index}.m.qkv", _join(attn, "qkv"))
-    _add_conv_norm(pairs, f"blocks.{official_index}.m.proj.1", _join(attn, "proj"))
-    _add_mlp(pairs, official_index + 1, _join(ours, "mlp"))
+    _add_conv_norm(pairs, f"blocks.{official_index}.m.qkv", f"{attn}.qkv")
+    _add_conv_norm(pairs, f"blocks.{official_index}.m.proj.1", f"{attn}.proj")
+    _add_mlp(pairs, official_index + 1, f"{ours}.mlp")
 
 
-def _add_shrink(pairs: dict[str, str | None], official_index: int, ours: str | None) -> None:
-    attn = _join(ours, "attn")
+def _add_shrink(pairs: dict[str, str], official_index: int, ours: str) -> None:
+    attn = f"{ours}.attn"
     pairs[f"blocks.{official_index}"] = attn  # holds attention_biases
-    _add_conv_norm(pairs, f"blocks.{official_index}.kv", _join(attn, "kv"))
-    _add_conv_norm(pairs, f"blocks.{official_index}.q.1", _join(attn, "q"))
-    _add_conv_norm(pairs, f"blocks.{official_index}.proj.1", _join(attn, "proj"))
-    _add_mlp(pairs, official_index + 1, _join(ours, "mlp"))
+    _add_conv_norm(pairs, f"blocks.{official_index}.kv", f"{attn}.kv")
+    _add_conv_norm(pairs, f"blocks.{official_index}.q.1", f"{attn}.q")
+    _add_conv_norm(pairs, f"blocks.{official_index}.proj.1", f"{attn}.proj")
+    _add_mlp(pairs, official_index + 1, f"{ours}.mlp")
 
 
-def convert_official_state(state: Mapping[str, torch.Tensor], variant: str, num_stem_convs: int = 4,
-                           num_stages: int = 3) -> tuple[dict[str, torch.Tensor], list[str]]:
+def official_key_to_ours(name: str, module_map: Mapping[str, str]) -> str:
+    """Our name of official key `name`, e.g. 'blocks.6.m.qkv.c.weight' ->
+    'stages.1.blocks.0.attn.qkv.conv.weight'; keys outside `module_map` (heads, unknown) keep their name."""
+    module, _, leaf = name.rpartition(".")
+    return f"{module_map[module]}.{leaf}" if module in module_map else name
+
+
+def convert_official_state(state: Mapping[str, torch.Tensor], variant: str
+                           ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename an official LeViT state_dict (levit.py names, no top-level key) to ours.
 
     Returns (our state, ignored official keys). Ignored: the classifier heads `head.*` and
-    `head_dist.*`, every `attention_bias_idxs` (we index by offsets on the fly) and the keys of layers
-    not built at this depth (stage 3 in the detection layout). 2-D Linear weights become
-    (out, in, 1, 1) conv weights. Keys with no official meaning are kept under their own name so the
-    loader reports them as unexpected.
+    `head_dist.*` and every `attention_bias_idxs` (we index by offsets on the fly). 2-D Linear weights
+    become (out, in, 1, 1) conv weights. Keys with no official meaning are kept under their own name so
+    the loader reports them as unexpected.
     """
-    module_map = official_module_map(variant, num_stem_convs, num_stages)
+    module_map = official_module_map(variant)
     ours: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
     for name, tensor in state.items():
         if _head_or_index(name):
             ignored.append(name)
             continue
-        module, _, leaf = name.rpartition(".")
-        if module not in module_map:
-            ours[name] = tensor
-            continue
-        target = module_map[module]
-        if target is None:
-            ignored.append(name)
-            continue
-        if module.endswith(".c") and tensor.dim() == 2:
+        if name.rpartition(".")[0].endswith(".c") and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]
-        ours[f"{target}.{leaf}"] = tensor
+        ours[official_key_to_ours(name, module_map)] = tensor
     return ours, ignored
 
 
@@ -175,63 +175,52 @@ def _head_or_index(name: str) -> bool:
 class LeViT(Backbone):
     """LeViT as a detection backbone; see the module docstring for layout, strides and biases.
 
-    LeViT(variant, out_strides=None, normalize_input=True, layout="detection")
+    LeViT(variant, out_strides=None, normalize_input=True, layout="detection", drop_path_rate=None)
     variant: 128S, 128, 192, 256 or 384 (case-insensitive). out_strides: a subset of (4, 8, 16, 32)
     for the detection layout (default all), of (16, 32, 64) for layout="official" (default all).
+    drop_path_rate: None = the official recipe's rate for the variant.
     Output i has shape (B, out_channels[i], ceil(H / s), ceil(W / s)), s = out_strides[i].
     """
 
     family = "LeViT"
     variants = VARIANTS
-    supported_strides = (4, 8, 16, 32)
-    official_strides = (16, 32, 64)
+    # The stem's last conv returns no map of its own in the detection layout (stage 1 reads it).
+    trunk = ("stem.convs.0", "stem.convs.1", "stem.convs.2", "stem.convs.3",
+             "stages.0", "stages.1", "stages.2")
+
+    @classmethod
+    def declare_features(cls, config: LeViTConfig, layout: str = "detection") -> list[Feature]:
+        """Detection: the stem's maps at strides 4 and 8 (after their Hardswish) and stages 1-2 at 16
+        and 32. Official: stages 1-3 at 16, 32 and 64."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"LeViT: unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        width = config.widths[0]
+        stages = [Feature(16 * 2 ** i, channels, f"stages.{i}") for i, channels in enumerate(config.widths)]
+        if layout == "official":
+            return stages
+        return [Feature(4, width // 4, "stem.convs.1"), Feature(8, width // 2, "stem.convs.2"), *stages[:2]]
 
     def __init__(self, variant: str, out_strides: Sequence[int] | None = None, normalize_input: bool = True,
-                 layout: str = "detection") -> None:
-        super().__init__()
-        self.variant = self.resolve_variant(variant)
-        self.config = self.variants[self.variant]
+                 layout: str = "detection", drop_path_rate: float | None = None) -> None:
+        super().__init__(variant, out_strides, normalize_input=normalize_input, layout=layout)
         self.layout = layout
-        self.out_strides = self._check_layout_strides(out_strides)
-        depth = int(math.log2(max(self.out_strides)))  # 2 ** depth is the deepest stride built
-        self.num_stem_convs = min(depth, 4)
-        self.num_stages = max(depth - 3, 0)
-        widths, heads, depths = self.config.widths, self.config.heads, self.config.depths
-        self.stem = ConvStem(widths[0], self.num_stem_convs)
-        self.stages = nn.ModuleList(
-            LeViTStage(widths[max(i - 1, 0)], widths[i], self.config.key_dim, heads[i], depths[i],
-                       TRAINED_SIDES[i], TRAINED_SIDES[i - 1] if i > 0 else None)
-            for i in range(self.num_stages)
-        )
-        self.out_channels = tuple(self._channels_at(stride) for stride in self.out_strides)
-        self.normalize_input = normalize_input
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.num_stem_convs = self.num_built("stem.convs")
+        self.num_stages = self.num_built("stages")
+        self.stem = ConvStem(self.config.widths[0], self.num_stem_convs)
+        self.stages = nn.ModuleList(self._build_stages(drop_path_rate))
 
-    def _check_layout_strides(self, out_strides: Sequence[int] | None) -> tuple[int, ...]:
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"LeViT: unknown layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
-        if self.layout == "detection":
-            return self.check_out_strides(out_strides)
-        if out_strides is None:
-            return self.official_strides
-        wanted = tuple(sorted(int(s) for s in out_strides))
-        if not wanted or any(s not in self.official_strides for s in wanted):
-            raise ValueError(f"LeViT (official layout): cannot produce strides {wanted}; "
-                             f"it produces {self.official_strides}")
-        return wanted
+    def _build_stages(self, drop_path_rate: float | None) -> list[LeViTStage]:
+        """Stages 1..num_stages; stochastic depth over the residual blocks (shrink blocks included)."""
+        config = self.config
+        rate = config.drop_path if drop_path_rate is None else drop_path_rate
+        blocks_per_stage = [depth + (i > 0) for i, depth in enumerate(config.depths)]
+        rates = drop_path_rates(rate, blocks_per_stage)
+        return [LeViTStage(config.widths[max(i - 1, 0)], config.widths[i], config.key_dim, config.heads[i],
+                           config.depths[i], TRAINED_SIDES[i], TRAINED_SIDES[i - 1] if i > 0 else None,
+                           drop_paths=rates[i])
+                for i in range(self.num_stages)]
 
-    def _channels_at(self, stride: int) -> int:
-        width = self.config.widths[0]
-        stem = {2: width // 8, 4: width // 4, 8: width // 2}
-        return stem[stride] if stride in stem else self.config.widths[int(math.log2(stride)) - 4]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) RGB in [0, 1] -> one (B, C, ceil(H / s), ceil(W / s)) map per out stride."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"LeViT expects (B, 3, H, W) images, got shape {tuple(x.shape)}")
-        if self.normalize_input:
-            x = (x - self.mean) / self.std
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         stem_maps = self.stem(x)
         maps = stem_maps[:3]  # strides 2, 4, 8
         if len(stem_maps) == 4:
@@ -241,22 +230,18 @@ class LeViT(Backbone):
                 maps.append(x)  # strides 16, 32, 64
         return [maps[int(math.log2(stride)) - 1] for stride in self.out_strides]
 
-    def reparameterize(self) -> None:
-        """Fold every Conv+BN pair (stem, qkv/kv/q, projections, MLPs) into one conv with bias."""
-        # Collect first: fusing swaps submodules, which must not happen under a live modules() walk.
-        for module in [m for m in self.modules() if isinstance(m, ConvNorm)]:
-            module.fuse()
-
     def no_weight_decay(self) -> set[str]:
         """The attention-bias tables (LeViT has no layer scales or position embeddings)."""
         return {name for name, _ in self.named_parameters() if name.endswith("attention_biases")}
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
         """Load an official release file (`{'model': state_dict}`, levit.py names)."""
-        state = read_checkpoint(path, top_level_keys=("model", "state_dict"))
-        ours, ignored = convert_official_state(state, self.variant, self.num_stem_convs, self.num_stages)
-        unbuilt = [k for k in ignored if not _head_or_index(k)]
-        if unbuilt:
-            LOGGER.info(f"LeViT-{self.variant}: {len(unbuilt)} released tensors belong to layers this layout "
-                        f"does not build (strides above {max(self.out_strides)}) and are ignored")
-        return load_state_into(self, ours, source=str(path), ignored=ignored)
+        return self.load_official_state(read_checkpoint(path, top_level_keys=("model", "state_dict")), path)
+
+    def load_official_state(self, state: Mapping[str, torch.Tensor], source: str | Path = "") -> LoadReport:
+        """Load an official state_dict already in memory; layers this instance does not build (stage 3
+        in the detection layout, deeper parts for shallower out_strides) are ignored."""
+        module_map = official_module_map(self.variant)
+        state, unbuilt = self.split_unbuilt(state, rename=lambda name: official_key_to_ours(name, module_map))
+        ours, ignored = convert_official_state(state, self.variant)
+        return self.finish_loading(ours, source, ignored=ignored, unbuilt=unbuilt)

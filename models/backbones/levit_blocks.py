@@ -15,45 +15,13 @@ parameter on every call (no cache), so in-place weight updates (EMA) are always 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class ConvNorm(nn.Module):
-    """Conv2d without bias followed by BatchNorm2d; `fuse()` folds the norm into the conv.
-
-    (B, in_channels, H, W) -> (B, out_channels, ceil(H / stride), ceil(W / stride)) for odd kernels
-    with 'same' padding.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-                 bn_weight_init: float = 1.0) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
-        self.bn: nn.Module = nn.BatchNorm2d(out_channels)
-        # The official code zero-initialises the last norm of residual branches (identity at start).
-        nn.init.constant_(self.bn.weight, bn_weight_init)
-        nn.init.zeros_(self.bn.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
-
-    @torch.no_grad()
-    def fuse(self) -> None:
-        """Replace conv + BN by one conv with bias, in place; a second call does nothing."""
-        if not isinstance(self.bn, nn.BatchNorm2d):
-            return
-        conv, bn = self.conv, self.bn
-        # float64 keeps the fold exact to float32 rounding.
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                          conv.padding, conv.dilation, conv.groups, bias=True)
-        fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        fused.weight.copy_(conv.weight.double() * scale[:, None, None, None])
-        fused.bias.copy_(bn.bias.double() - bn.running_mean.double() * scale)
-        self.conv = fused
-        self.bn = nn.Identity()
+from .layers import ConvBN, DropPath
 
 
 def relative_position_bias(table: torch.Tensor, trained_side: int, key_size: tuple[int, int],
@@ -100,8 +68,8 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: 
 class Attention(nn.Module):
     """Multi-head self-attention with learned relative-position biases (LeViT 'Attention').
 
-    (B, dim, H, W) -> (B, dim, H, W): qkv = 1x1 ConvNorm, per head [q (key_dim), k (key_dim),
-    v (attn_ratio * key_dim)] channels in that order, then Hardswish and a 1x1 ConvNorm projection.
+    (B, dim, H, W) -> (B, dim, H, W): qkv = 1x1 ConvBN, per head [q (key_dim), k (key_dim),
+    v (attn_ratio * key_dim)] channels in that order, then Hardswish and a 1x1 ConvBN projection.
     """
 
     def __init__(self, dim: int, key_dim: int, heads: int, attn_ratio: int, trained_side: int) -> None:
@@ -109,9 +77,9 @@ class Attention(nn.Module):
         self.heads, self.key_dim, self.value_dim = heads, key_dim, attn_ratio * key_dim
         self.scale = key_dim ** -0.5
         self.trained_side = trained_side
-        self.qkv = ConvNorm(dim, heads * (2 * key_dim + self.value_dim))
+        self.qkv = ConvBN(dim, heads * (2 * key_dim + self.value_dim))
         self.act = nn.Hardswish()
-        self.proj = ConvNorm(heads * self.value_dim, dim, bn_weight_init=0.0)
+        self.proj = ConvBN(heads * self.value_dim, dim, bn_weight_init=0.0)
         self.attention_biases = nn.Parameter(torch.zeros(heads, trained_side * trained_side))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,10 +103,10 @@ class AttentionSubsample(nn.Module):
         self.heads, self.key_dim, self.value_dim = heads, key_dim, attn_ratio * key_dim
         self.scale = key_dim ** -0.5
         self.trained_side = trained_side
-        self.kv = ConvNorm(in_dim, heads * (key_dim + self.value_dim))
-        self.q = ConvNorm(in_dim, heads * key_dim)
+        self.kv = ConvBN(in_dim, heads * (key_dim + self.value_dim))
+        self.q = ConvBN(in_dim, heads * key_dim)
         self.act = nn.Hardswish()
-        self.proj = ConvNorm(heads * self.value_dim, out_dim)
+        self.proj = ConvBN(heads * self.value_dim, out_dim)
         self.attention_biases = nn.Parameter(torch.zeros(heads, trained_side * trained_side))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,49 +121,54 @@ class AttentionSubsample(nn.Module):
 
 
 class Mlp(nn.Module):
-    """1x1 ConvNorm (expand), Hardswish, 1x1 ConvNorm (back): (B, dim, H, W) -> (B, dim, H, W)."""
+    """1x1 ConvBN (expand), Hardswish, 1x1 ConvBN (back): (B, dim, H, W) -> (B, dim, H, W)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = ConvNorm(dim, hidden)
+        self.fc1 = ConvBN(dim, hidden)
         self.act = nn.Hardswish()
-        self.fc2 = ConvNorm(hidden, dim, bn_weight_init=0.0)
+        self.fc2 = ConvBN(hidden, dim, bn_weight_init=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
 class LeViTBlock(nn.Module):
-    """Residual attention then residual MLP (official blocks j and j + 1): shape preserved."""
+    """Residual attention then residual MLP (official blocks j and j + 1): shape preserved.
+
+    Both residual branches are dropped with probability `drop_path` in training (official `Residual`).
+    """
 
     def __init__(self, dim: int, key_dim: int, heads: int, trained_side: int, mlp_ratio: int = 2,
-                 attn_ratio: int = 2) -> None:
+                 attn_ratio: int = 2, drop_path: float = 0.0) -> None:
         super().__init__()
         self.attn = Attention(dim, key_dim, heads, attn_ratio, trained_side)
         self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(x)
-        return x + self.mlp(x)
+        x = x + self.drop_path(self.attn(x))
+        return x + self.drop_path(self.mlp(x))
 
 
 class ShrinkBlock(nn.Module):
     """Shrink attention then residual MLP, opening stages 2 and 3 (halves H and W)."""
 
     def __init__(self, in_dim: int, out_dim: int, key_dim: int, trained_side: int, mlp_ratio: int = 2,
-                 attn_ratio: int = 4) -> None:
+                 attn_ratio: int = 4, drop_path: float = 0.0) -> None:
         super().__init__()
         # Official down_ops: heads = in_dim // key_dim, attention ratio 4, MLP ratio 2.
         self.attn = AttentionSubsample(in_dim, out_dim, key_dim, in_dim // key_dim, attn_ratio, trained_side)
         self.mlp = Mlp(out_dim, out_dim * mlp_ratio)
+        self.drop_path = DropPath(drop_path)  # the MLP residual only: the shrink attention is not residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.attn(x)
-        return x + self.mlp(x)
+        return x + self.drop_path(self.mlp(x))
 
 
 class ConvStem(nn.Module):
-    """Up to four stride-2 3x3 ConvNorm layers (widths W/8, W/4, W/2, W) with Hardswish in between.
+    """Up to four stride-2 3x3 ConvBN layers (widths W/8, W/4, W/2, W) with Hardswish in between.
 
     (B, 3, H, W) -> list of maps at strides 2, 4, 8, 16 (as many as built). The maps at strides 2, 4
     and 8 are taken after their Hardswish; the stride-16 map has none (as in the official b16 stem).
@@ -204,7 +177,7 @@ class ConvStem(nn.Module):
     def __init__(self, width: int, num_convs: int = 4) -> None:
         super().__init__()
         channels = [3, width // 8, width // 4, width // 2, width]
-        self.convs = nn.ModuleList(ConvNorm(channels[i], channels[i + 1], 3, 2) for i in range(num_convs))
+        self.convs = nn.ModuleList(ConvBN(channels[i], channels[i + 1], 3, 2) for i in range(num_convs))
         self.act = nn.Hardswish()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -221,14 +194,18 @@ class LeViTStage(nn.Module):
     """An optional shrink block (stride x2) then `depth` LeViT blocks at width `dim`.
 
     trained_side: map side of this stage's blocks at the official 224 input (14, 7, 4);
-    shrink_side: the side of the map the shrink block reads (the previous stage's), None for no shrink.
+    shrink_side: the side of the map the shrink block reads (the previous stage's), None for no shrink;
+    drop_paths: one stochastic-depth rate per block, the shrink block's first when there is one.
     """
 
     def __init__(self, in_dim: int, dim: int, key_dim: int, heads: int, depth: int, trained_side: int,
-                 shrink_side: int | None = None) -> None:
+                 shrink_side: int | None = None, drop_paths: Sequence[float] | None = None) -> None:
         super().__init__()
-        self.downsample = None if shrink_side is None else ShrinkBlock(in_dim, dim, key_dim, shrink_side)
-        self.blocks = nn.Sequential(*(LeViTBlock(dim, key_dim, heads, trained_side) for _ in range(depth)))
+        rates = list(drop_paths) if drop_paths is not None else [0.0] * (depth + 1)
+        self.downsample = None if shrink_side is None else \
+            ShrinkBlock(in_dim, dim, key_dim, shrink_side, drop_path=rates.pop(0))
+        self.blocks = nn.Sequential(*(LeViTBlock(dim, key_dim, heads, trained_side, drop_path=rates[i])
+                                      for i in range(depth)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:

@@ -40,9 +40,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import Backbone, LoadReport, load_state_into, normalise_variant_name, read_checkpoint
-from .layers import IMAGENET_MEAN, IMAGENET_STD
-from .mpvit_blocks import ConvNorm, MultiPathStage, fuse_conv_norms
+from .base import Backbone, Feature, LoadReport, normalise_variant_name, read_checkpoint
+from .layers import drop_path_rates
+from .mpvit_blocks import MultiPathStage, conv_norm
 
 STAGE_STRIDES = (4, 8, 16, 32)
 
@@ -126,8 +126,8 @@ class ConvertedState:
     """An official state_dict in our names.
 
     state:   our key -> tensor
-    ignored: official names dropped on purpose: the classifier head, the duplicate names of shared
-             position-encoding tensors, and stages deeper than the module that will receive it
+    ignored: official names dropped on purpose: the classifier head and the duplicate names of
+             shared position-encoding tensors
     sources: our key -> the official name its tensor came from
     """
 
@@ -136,12 +136,12 @@ class ConvertedState:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-def convert_official_state(official: Mapping[str, torch.Tensor], num_stages: int = 4) -> ConvertedState:
+def convert_official_state(official: Mapping[str, torch.Tensor]) -> ConvertedState:
     """Rename an official MPViT state_dict (no prefix) to our keys.
 
     Names are visited in sorted order and, where several official names alias one shared tensor, the
     last one wins (in a real release they hold the same values; the reference fixtures define the
-    shared value as that of the last sorted name). `num_stages` < 4 drops the deeper stages' keys.
+    shared value as that of the last sorted name).
     """
     converted = ConvertedState()
     for name in sorted(official):
@@ -149,10 +149,6 @@ def convert_official_state(official: Mapping[str, torch.Tensor], num_stages: int
             converted.ignored.append(name)
             continue
         ours = official_key_to_ours(name)
-        stage = re.match(r"^stages\.(\d+)\.", ours)
-        if stage and int(stage.group(1)) >= num_stages:
-            converted.ignored.append(name)
-            continue
         if ours in converted.sources:
             converted.ignored.append(converted.sources[ours])
         converted.state[ours] = official[name]
@@ -173,28 +169,24 @@ class MPViT(Backbone):
 
     family: ClassVar[str] = "MPViT"
     variants: ClassVar[Mapping[str, MPViTConfig]] = VARIANTS
-    supported_strides: ClassVar[tuple[int, ...]] = STAGE_STRIDES
+
+    @classmethod
+    def declare_features(cls, config: MPViTConfig) -> list[Feature]:
+        """Stage i returns stride 4 * 2**i with the next stage's width (detectron2's stage2..stage5)."""
+        return [Feature(stride, config.stage_out_channels(i), f"stages.{i}")
+                for i, stride in enumerate(STAGE_STRIDES)]
 
     def __init__(self, variant: str, out_strides: Sequence[int] | None = None, *,
                  normalize_input: bool = True, drop_path_rate: float = 0.0) -> None:
-        super().__init__()
-        self.variant = self.resolve_variant(variant)
-        self.config = VARIANTS[self.variant]
-        self.out_strides = self.check_out_strides(out_strides)
-        num_stages = STAGE_STRIDES.index(self.out_strides[-1]) + 1
-        self.out_channels = tuple(self.config.stage_out_channels(STAGE_STRIDES.index(stride))
-                                  for stride in self.out_strides)
-        self.normalize_input = normalize_input
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
+        super().__init__(variant, out_strides, normalize_input=normalize_input)
         dims = self.config.embed_dims
         self.stem = nn.Sequential(
-            ConvNorm(3, dims[0] // 2, 3, stride=2, activation=True),
-            ConvNorm(dims[0] // 2, dims[0], 3, stride=2, activation=True),
+            conv_norm(3, dims[0] // 2, 3, stride=2, activation=True),
+            conv_norm(dims[0] // 2, dims[0], 3, stride=2, activation=True),
         )
-        drop_paths = _drop_path_schedule(drop_path_rate, self.config.num_blocks)
-        self.stages = nn.ModuleList(self._build_stage(i, drop_paths[i]) for i in range(num_stages))
+        drop_paths = drop_path_rates(drop_path_rate, self.config.num_blocks)
+        self.stages = nn.ModuleList(self._build_stage(i, drop_paths[i])
+                                    for i in range(self.num_built("stages")))
 
     @classmethod
     def resolve_variant(cls, variant: str | None) -> str:
@@ -220,12 +212,7 @@ class MPViT(Backbone):
             drop_paths=drop_paths,
         )
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) RGB in [0, 1] -> maps at `out_strides`, shallow to deep (see the class docstring)."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"MPViT expects (B, 3, H, W) RGB input, got shape {tuple(x.shape)}")
-        if self.normalize_input:
-            x = (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         outputs = []
         for stride, stage in zip(STAGE_STRIDES, self.stages):
@@ -233,19 +220,6 @@ class MPViT(Backbone):
             if stride in self.out_strides:
                 outputs.append(x)
         return outputs
-
-    @property
-    def is_fused(self) -> bool:
-        """True once `reparameterize()` has folded the BatchNorms."""
-        return not any(isinstance(m, nn.BatchNorm2d) for m in self.modules())
-
-    def reparameterize(self) -> None:
-        """Fold every Conv+BN pair (stem, patch embeddings, local path, aggregation) in place.
-
-        Exact in eval mode (BN uses running statistics); idempotent. MPViT has no paper-level
-        reparameterisation; the attention and position-encoding convs stay as they are.
-        """
-        fuse_conv_norms(self)
 
     def no_weight_decay(self) -> set[str]:
         """The convolutional position encodings (cpe, crpe) of every encoder; MPViT has no layer
@@ -255,24 +229,16 @@ class MPViT(Backbone):
     def load_pretrained(self, path: str | Path) -> LoadReport:
         """Load an official release file (`{'model': state_dict}`, no prefix); see `convert_official_state`.
 
-        Must be called before `reparameterize()` (the release holds unfolded BatchNorms).
+        Must be called before `reparameterize()` (the release holds unfolded BatchNorms). Stages deeper
+        than the deepest requested stride are not built; their tensors are ignored.
         """
-        if self.is_fused:
+        if self.is_reparameterized:
             raise RuntimeError(f"MPViT: load_pretrained({path}) after reparameterize(); load the "
                                "weights first, then fuse")
         official = read_checkpoint(path, top_level_keys=("model", "state_dict"))
-        converted = convert_official_state(official, num_stages=len(self.stages))
-        return load_state_into(self, converted.state, source=str(path), ignored=converted.ignored)
-
-
-def _drop_path_schedule(rate: float, num_blocks: Sequence[int]) -> list[list[float]]:
-    """Per-stage drop-path rates rising linearly from 0 to `rate` over all blocks (shared by paths)."""
-    rates = torch.linspace(0, rate, sum(num_blocks)).tolist()
-    schedule, start = [], 0
-    for count in num_blocks:
-        schedule.append(rates[start:start + count])
-        start += count
-    return schedule
+        official, unbuilt = self.split_unbuilt(official, rename=official_key_to_ours)
+        converted = convert_official_state(official)
+        return self.finish_loading(converted.state, path, ignored=converted.ignored, unbuilt=unbuilt)
 
 
 __all__ = [

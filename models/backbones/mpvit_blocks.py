@@ -14,52 +14,22 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layers import DropPath
+from .layers import ConvBN, DropPath
 
 # Window size -> number of heads that use it in the convolutional relative position encoding (8 heads).
 CRPE_WINDOWS: dict[int, int] = {3: 2, 5: 3, 7: 3}
 LAYER_NORM_EPS = 1e-6
 
 
-class ConvNorm(nn.Module):
-    """Conv2d without bias -> BatchNorm2d -> Hardswish (or nothing); 'same' padding for odd kernels.
-
-    `fuse()` folds the norm into the conv (exact in eval mode), leaving conv (with bias) -> activation.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-                 groups: int = 1, activation: bool = True) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
-                              groups=groups, bias=False)
-        self.bn: nn.Module = nn.BatchNorm2d(out_channels)
-        self.act = nn.Hardswish() if activation else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-    @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold BatchNorm (running statistics) into the conv; a no-op once folded."""
-        if not isinstance(self.bn, nn.BatchNorm2d):
-            return
-        conv, bn = self.conv, self.bn
-        # Fold in float32 so a bf16 model loses no precision in the product.
-        scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
-        bias = bn.bias.float() - bn.running_mean.float() * scale
-        if conv.bias is not None:
-            bias = bias + conv.bias.float() * scale
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, conv.groups, bias=True).to(device=conv.weight.device,
-                                                                    dtype=conv.weight.dtype)
-        fused.weight.copy_((conv.weight.float() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
-        fused.bias.copy_(bias.to(conv.weight.dtype))
-        self.conv = fused
-        self.bn = nn.Identity()
+def conv_norm(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+              activation: bool = True) -> ConvBN:
+    """Conv2d without bias -> BatchNorm2d -> Hardswish (or nothing): MPViT's Conv2d_BN, foldable."""
+    return ConvBN(in_channels, out_channels, kernel_size, stride, groups,
+                  activation=nn.Hardswish() if activation else None)
 
 
 class SeparableConvNorm(nn.Module):
-    """Depthwise 3x3 conv (optionally strided) -> pointwise ConvNorm with Hardswish.
+    """Depthwise 3x3 conv (optionally strided) -> pointwise ConvBN with Hardswish.
 
     One path of the multi-scale patch embedding: (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s)).
     """
@@ -67,7 +37,7 @@ class SeparableConvNorm(nn.Module):
     def __init__(self, channels: int, stride: int = 1) -> None:
         super().__init__()
         self.depthwise = nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False)
-        self.pointwise = ConvNorm(channels, channels, 1, activation=True)
+        self.pointwise = conv_norm(channels, channels, 1, activation=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))
@@ -218,21 +188,21 @@ class PathEncoder(nn.Module):
 
 class LocalResBlock(nn.Module):
     """The convolutional local path, (B, C, H, W) -> (B, C, H, W):
-    x + (1x1 ConvNorm-Hardswish -> depthwise 3x3 ConvNorm-Hardswish -> 1x1 ConvNorm).
+    x + (1x1 ConvBN-Hardswish -> depthwise 3x3 ConvBN-Hardswish -> 1x1 ConvBN).
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.expand = ConvNorm(channels, channels, 1, activation=True)
-        self.depthwise = ConvNorm(channels, channels, 3, groups=channels, activation=True)
-        self.project = ConvNorm(channels, channels, 1, activation=False)
+        self.expand = conv_norm(channels, channels, 1, activation=True)
+        self.depthwise = conv_norm(channels, channels, 3, groups=channels, activation=True)
+        self.project = conv_norm(channels, channels, 1, activation=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.project(self.depthwise(self.expand(x)))
 
 
 class MultiPathStage(nn.Module):
-    """Patch embedding, one transformer per path plus the local conv path, aggregated by a 1x1 ConvNorm.
+    """Patch embedding, one transformer per path plus the local conv path, aggregated by a 1x1 ConvBN.
 
     (B, C_in, H, W) -> (B, C_out, H/s, W/s), s = 2 when `downsample`. The local path reads the first
     (finest) embedding; the concat order is [local, path 0, path 1, ...] as in the release.
@@ -246,7 +216,7 @@ class MultiPathStage(nn.Module):
             PathEncoder(channels, num_blocks, num_heads, mlp_ratio, drop_paths) for _ in range(num_paths)
         )
         self.local_path = LocalResBlock(channels)
-        self.aggregate = ConvNorm(channels * (num_paths + 1), out_channels, 1, activation=True)
+        self.aggregate = conv_norm(channels * (num_paths + 1), out_channels, 1, activation=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         embeddings = self.patch_embed(x)
@@ -266,21 +236,10 @@ def tokens_to_image(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return tokens.transpose(1, 2).reshape(batch, channels, size[0], size[1])
 
 
-def fuse_conv_norms(module: nn.Module) -> int:
-    """Fold every ConvNorm inside `module`; returns how many were folded now."""
-    # Collect first: fusing replaces submodules, which must not happen while iterating over them.
-    pending = [m for m in module.modules() if isinstance(m, ConvNorm) and isinstance(m.bn, nn.BatchNorm2d)]
-    for conv_norm in pending:
-        conv_norm.fuse()
-    return len(pending)
-
-
 __all__ = [
     "CRPE_WINDOWS",
-    "ConvNorm",
     "ConvPosEnc",
     "ConvRelPosEnc",
-    "DropPath",
     "FactorizedAttention",
     "FactorizedAttentionBlock",
     "LocalResBlock",
@@ -289,7 +248,7 @@ __all__ = [
     "MultiScalePatchEmbed",
     "PathEncoder",
     "SeparableConvNorm",
-    "fuse_conv_norms",
+    "conv_norm",
     "image_to_tokens",
     "tokens_to_image",
 ]

@@ -8,11 +8,14 @@ bind a fixed variant, so the seed's module names (`EfficientViT_M0`) work in a Y
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .base import LOGGER, Backbone
+from .base import Backbone
+
+LOGGER = logging.getLogger("vitdet." + __name__)
 
 
 @dataclass(frozen=True)

@@ -31,18 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
-from .base import LOGGER, Backbone, LoadReport, load_state_into, read_checkpoint
-from .layers import IMAGENET_MEAN, IMAGENET_STD
+from .base import Backbone, Feature, LoadReport, read_checkpoint
+from .layers import drop_path_rates
 from .riformer_blocks import (
     RIFormerBlock,
     RIFormerStage,
     fold_affine_into_norm,
     group_norm,
     init_weights,
-    normalize_imagenet,
     pad_to_multiple,
 )
 
@@ -170,52 +168,33 @@ class RIFormer(Backbone):
 
     family: ClassVar[str] = "RIFormer"
     variants: ClassVar[Mapping[str, RIFormerConfig]] = VARIANTS
-    supported_strides: ClassVar[tuple[int, ...]] = STAGE_STRIDES
+
+    @classmethod
+    def declare_features(cls, config: RIFormerConfig) -> list[Feature]:
+        """Stage i returns stride 4 * 2**i through its own GroupNorm `out_norms.stride{s}`."""
+        return [Feature(stride, width, f"stages.{i}", f"out_norms.stride{stride}")
+                for i, (stride, width) in enumerate(zip(STAGE_STRIDES, config.widths))]
 
     def __init__(self, variant: str, out_strides: Sequence[int] | None = None,
                  normalize_input: bool = True, drop_path_rate: float = 0.0) -> None:
-        super().__init__()
-        self.variant = self.resolve_variant(variant)
-        self.config = VARIANTS[self.variant]
-        self.out_strides = self.check_out_strides(out_strides)
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"RIFormer: drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        num_stages = STAGE_STRIDES.index(max(self.out_strides)) + 1
-        widths = self.config.widths[:num_stages]
-        self.out_channels = tuple(widths[STAGE_STRIDES.index(s)] for s in self.out_strides)
-
-        self.normalize_input = bool(normalize_input)
-        if self.normalize_input:  # non-persistent: not in state_dict, but follows .to(dtype/device)
-            self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.stem = nn.Conv2d(3, widths[0], 7, stride=4, padding=2)
-        self.stages = self._build_stages(num_stages, drop_path_rate)
+        super().__init__(variant, out_strides, normalize_input=normalize_input)
+        rates = drop_path_rates(drop_path_rate, self.config.depths)
+        self.stem = nn.Conv2d(3, self.config.widths[0], 7, stride=4, padding=2)
+        self.stages = nn.ModuleList(self._build_stage(i, rates[i]) for i in range(self.num_built("stages")))
         self.out_norms = nn.ModuleDict({
-            f"stride{s}": group_norm(widths[STAGE_STRIDES.index(s)]) for s in self.out_strides
+            f"stride{feature.stride}": group_norm(feature.channels) for feature in self.out_features
         })
         init_weights(self)
 
-    def _build_stages(self, num_stages: int, drop_path_rate: float) -> nn.ModuleList:
-        """Stages 0..num_stages-1; drop-path rates rise linearly over all blocks of the full model."""
+    def _build_stage(self, index: int, rates: list[float]) -> RIFormerStage:
         depths, widths = self.config.depths, self.config.widths
-        total = sum(depths)
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages = []
-        for i in range(num_stages):
-            start = sum(depths[:i])
-            stages.append(RIFormerStage(
-                in_channels=widths[i - 1] if i else widths[0], channels=widths[i], depth=depths[i],
-                downsample=i > 0, layer_scale_init=self.config.layer_scale_init,
-                drop_path_rates=rates[start:start + depths[i]], mlp_ratio=self.config.mlp_ratio,
-            ))
-        return nn.ModuleList(stages)
+        return RIFormerStage(
+            in_channels=widths[index - 1] if index else widths[0], channels=widths[index],
+            depth=depths[index], downsample=index > 0, layer_scale_init=self.config.layer_scale_init,
+            drop_path_rates=rates, mlp_ratio=self.config.mlp_ratio,
+        )
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) RGB in [0, 1] -> one map per `out_strides` entry, shallow to deep."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"RIFormer expects (B, 3, H, W) RGB input, got shape {tuple(x.shape)}")
-        if self.normalize_input:
-            x = normalize_imagenet(x, self.input_mean, self.input_std)
+    def forward_features(self, x: Tensor) -> list[Tensor]:
         x = self.stem(pad_to_multiple(x, 4))
         outputs = []
         for stage, stride in zip(self.stages, STAGE_STRIDES):
@@ -229,30 +208,12 @@ class RIFormer(Backbone):
         """Every block, shallow to deep."""
         return [block for stage in self.stages for block in stage.blocks]
 
-    @property
-    def is_reparameterized(self) -> bool:
-        return all(block.reparameterized for block in self.blocks())
-
-    def reparameterize(self) -> None:
-        """Fold every affine mixer into its norm (exact, in place, idempotent); 4C -> 2C per block."""
-        for block in self.blocks():
-            block.reparameterize()
-
     def no_weight_decay(self) -> set[str]:
         """The layer scales (both per block), as in the official training recipe."""
         names = (name for name, _ in self.named_parameters())
         return {name for name in names if name.rsplit(".", 1)[-1].startswith("layer_scale")}
 
     # ----------------------------------------------------------------------------------------
-    def _not_built(self, key: str) -> bool:
-        """True for a converted key that belongs to a stage or an output norm this instance left out."""
-        parts = key.split(".")
-        if parts[0] == "stages" and len(parts) > 1 and parts[1].isdigit():
-            return len(self.stages) <= int(parts[1]) < len(STAGE_STRIDES)
-        if parts[0] == "out_norms" and len(parts) > 1 and parts[1].startswith("stride"):
-            return parts[1] not in self.out_norms
-        return False
-
     def load_pretrained(self, path: str | Path) -> LoadReport:
         """Load an mmpretrain release file (`state_dict`, keys `backbone.*`, head `head.*`).
 
@@ -263,20 +224,10 @@ class RIFormer(Backbone):
         reported as fresh and logged.
         """
         official = read_checkpoint(path, top_level_keys=("state_dict", "model"), prefix=OFFICIAL_PREFIX)
+        official, unbuilt = self.split_unbuilt(official, rename=_official_to_our_key)
         state, ignored = convert_official_state_dict(official)
         if is_deploy_state(state):
             self.reparameterize()
         elif self.is_reparameterized:
             state = reparameterize_state_dict(state)
-        unused = sorted(key for key in state if self._not_built(key))
-        for key in unused:
-            del state[key]
-        fresh = [key for key in self.state_dict() if key.startswith("out_norms.") and key not in state]
-        if fresh:
-            strides = sorted({int(key.split(".")[1][len("stride"):]) for key in fresh})
-            LOGGER.info(f"RIFormer-{self.variant}: {path} has no output norm for strides {strides}; "
-                        "those norms start fresh (weight 1, bias 0)")
-        if unused:
-            LOGGER.info(f"RIFormer-{self.variant}: ignoring {len(unused)} tensors of stages/norms not built "
-                        f"for out_strides {self.out_strides}")
-        return load_state_into(self, state, source=str(path), ignored=ignored + unused, fresh=fresh)
+        return self.finish_loading(state, path, ignored=ignored, unbuilt=unbuilt)

@@ -11,21 +11,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .layers import DropPath
+
 GROUP_NORM_EPS = 1e-5  # mmcv's GroupNorm default, which the released weights were trained with
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with a single group: normalises each image over C x H x W, then scales per channel."""
     return nn.GroupNorm(1, channels, eps=GROUP_NORM_EPS)
-
-
-def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
-    """Stochastic depth: zero whole residual branches per sample, rescale the survivors by 1/(1-rate)."""
-    if rate <= 0.0 or not training:
-        return x
-    keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
 
 
 def fold_affine_into_norm(norm_weight: Tensor, norm_bias: Tensor, mixer_weight: Tensor,
@@ -89,22 +82,22 @@ class RIFormerBlock(nn.Module):
         self.mlp = ConvMlp(channels, int(channels * mlp_ratio))
         self.layer_scale_1 = nn.Parameter(torch.full((channels,), layer_scale_init))
         self.layer_scale_2 = nn.Parameter(torch.full((channels,), layer_scale_init))
-        self.drop_path_rate = drop_path_rate
-        self.reparameterized = False
+        self.drop_path = DropPath(drop_path_rate)  # one stateless module serves both branches
+        self.is_reparameterized = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.reparameterized:
+        if self.is_reparameterized:
             mixed = self.norm_reparam(x)
         else:
             mixed = self.token_mixer(self.norm1(x))
-        x = x + drop_path(self.layer_scale_1.view(-1, 1, 1) * mixed, self.drop_path_rate, self.training)
+        x = x + self.drop_path(self.layer_scale_1.view(-1, 1, 1) * mixed)
         mlp_out = self.mlp(self.norm2(x))
-        return x + drop_path(self.layer_scale_2.view(-1, 1, 1) * mlp_out, self.drop_path_rate, self.training)
+        return x + self.drop_path(self.layer_scale_2.view(-1, 1, 1) * mlp_out)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Replace norm1 + token_mixer by one GroupNorm `norm_reparam` (exact; a no-op the second time)."""
-        if self.reparameterized:
+        if self.is_reparameterized:
             return
         weight, bias = fold_affine_into_norm(self.norm1.weight, self.norm1.bias,
                                              self.token_mixer.weight, self.token_mixer.bias)
@@ -113,7 +106,7 @@ class RIFormerBlock(nn.Module):
         fused.bias.copy_(bias)
         del self.norm1, self.token_mixer
         self.norm_reparam = fused
-        self.reparameterized = True
+        self.is_reparameterized = True
 
 
 class RIFormerStage(nn.Module):
@@ -151,11 +144,6 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(sub, nn.GroupNorm):
             nn.init.ones_(sub.weight)
             nn.init.zeros_(sub.bias)
-
-
-def normalize_imagenet(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """(x - mean) / std with (1, 3, 1, 1) statistics; x is RGB in [0, 1]."""
-    return (x - mean) / std
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
