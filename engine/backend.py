@@ -228,29 +228,28 @@ class InferenceBackend:
         device: the torch.device the outputs are on.
     """
 
-    def __init__(self, weights: str | Path, device: str | torch.device = "cpu", fp16: bool = False,
+    def __init__(self, weights: str | Path | list, device: str | torch.device = "cpu", fp16: bool = False,
                  fuse: bool = True):
-        path = Path(weights)
-        if path.suffix not in KINDS:
-            raise ValueError(f"weights {path}: unsupported format '{path.suffix}'; expected one of "
-                             f"{', '.join(KINDS)} (our checkpoints, TorchScript or ONNX exports)")
-        if not path.is_file():
-            raise FileNotFoundError(f"weights not found: {path}")
+        paths = [Path(w) for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
+        for path in paths:
+            if path.suffix not in KINDS:
+                raise ValueError(f"weights {path}: unsupported format '{path.suffix}'; expected one of "
+                                 f"{', '.join(KINDS)} (our checkpoints, TorchScript or ONNX exports)")
+            if not path.is_file():
+                raise FileNotFoundError(f"weights not found: {path}")
         self.device = select_device(device)
         if fp16 and self.device.type == "cpu":
             raise ValueError("fp16 (--half) needs a CUDA device; float16 inference is not supported on "
                              "the CPU")
-        self.weights, self.kind = path, KINDS[path.suffix]
-        if self.kind == "pytorch":
-            self._runner = _PyTorchRunner(path, self.device, fp16, fuse)
-        elif self.kind == "torchscript":
-            self._runner = _TorchScriptRunner(path, self.device, fp16)
-        else:
-            self._runner = _OnnxRunner(path, self.device, fp16)
-        self.stride, self.names = self._runner.stride, self._runner.names
+        self.weights, self.kind = paths[0], KINDS[paths[0].suffix]
+        self._runners = _make_runners(paths, self.device, fp16, fuse)
+        self._runner = self._runners[0]
+        self.stride = max(r.stride for r in self._runners)
+        self.names = self._runner.names
         self.dynamic, self.fixed_shape = self._runner.dynamic, self._runner.fixed_shape
         self.fp16 = self._runner.fp16
-        LOGGER.info(f"Loaded {path} ({self.kind}, stride {self.stride}, {len(self.names)} classes, "
+        what = f"an ensemble of {len(paths)} models" if len(paths) > 1 else self.kind
+        LOGGER.info(f"Loaded {', '.join(map(str, paths))} ({what}, stride {self.stride}, {len(self.names)} classes, "
                     f"{'dynamic' if self.dynamic else f'fixed input {self.fixed_shape}'})")
 
     @property
@@ -280,7 +279,13 @@ class InferenceBackend:
                 raise ValueError(f"test-time augmentation (--augment) needs a .pt checkpoint; {self.weights} "
                                  f"is {self.kind}")
             return self._forward_augment(im).float()
-        return self._forward_fixed(im).float() if self.fixed_shape else self._runner(im).float()
+        return self._forward_fixed(im).float() if self.fixed_shape else self._run(im).float()
+
+    def _run(self, im: torch.Tensor) -> torch.Tensor:
+        """The rows of every model of an ensemble side by side (YOLOv5's Ensemble: NMS then merges them)."""
+        if len(self._runners) == 1:
+            return self._runner(im)
+        return torch.cat([runner(im).float() for runner in self._runners], 1)
 
     def _check_input(self, im: Any) -> None:
         if not isinstance(im, torch.Tensor) or im.dim() != 4 or im.shape[1] != 3:
@@ -312,6 +317,10 @@ class InferenceBackend:
         return torch.cat(outputs)
 
     def _forward_augment(self, im: torch.Tensor) -> torch.Tensor:
+        """Test-time augmentation of each model (of an ensemble), rows side by side."""
+        return torch.cat([self._augment_one(runner, im) for runner in self._runners], 1)
+
+    def _augment_one(self, runner, im: torch.Tensor) -> torch.Tensor:
         """YOLOv5's TTA: the image at scales 1, 0.83 (flipped left-right) and 0.67; predictions mapped
         back to the input's pixels. The largest-stride rows of the full-size pass and the smallest-stride
         rows of the smallest pass are dropped (they duplicate what the other scales see better)."""
@@ -319,19 +328,40 @@ class InferenceBackend:
         outputs = []
         for scale, flip in zip(TTA_SCALES, TTA_FLIPS):
             x = scale_image(im.flip(flip) if flip else im, scale, self.stride)
-            pred = self._runner(x).clone()
+            pred = runner(x).clone().float()
             pred[..., :4] /= scale
             if flip == 3:
                 pred[..., 0] = width - pred[..., 0]
             outputs.append((pred, x.shape[2:]))
         first, first_size = outputs[0]
         last, last_size = outputs[-1]
-        first = first[:, : first.shape[1] - self._rows_per_level(first_size)[-1]]
-        last = last[:, self._rows_per_level(last_size)[0]:]
+        first = first[:, : first.shape[1] - _rows_per_level(runner, first_size)[-1]]
+        last = last[:, _rows_per_level(runner, last_size)[0]:]
         return torch.cat([first, *(p for p, _ in outputs[1:-1]), last], 1)
 
-    def _rows_per_level(self, size: tuple[int, int]) -> list[int]:
-        """Decoded rows each Detect level contributes for an input of (H, W), in output order."""
-        h, w = size
-        na = self._runner.anchors_per_cell
-        return [na * math.ceil(h / s) * math.ceil(w / s) for s in self._runner.strides]
+
+def _rows_per_level(runner: _PyTorchRunner, size: tuple[int, int]) -> list[int]:
+    """Decoded rows each Detect level of the model contributes for an input of (H, W), in output order."""
+    h, w = size
+    return [runner.anchors_per_cell * math.ceil(h / s) * math.ceil(w / s) for s in runner.strides]
+
+
+def _make_runners(paths: list[Path], device: torch.device, fp16: bool, fuse: bool) -> list:
+    """One runner per file; several files make an ensemble, which takes our .pt checkpoints only and
+    needs them to agree on the classes."""
+    kind = KINDS[paths[0].suffix]
+    if len(paths) == 1:
+        if kind == "pytorch":
+            return [_PyTorchRunner(paths[0], device, fp16, fuse)]
+        runner = _TorchScriptRunner if kind == "torchscript" else _OnnxRunner
+        return [runner(paths[0], device, fp16)]
+    others = [p for p in paths if KINDS[p.suffix] != "pytorch"]
+    if others:
+        raise ValueError(f"an ensemble of several --weights takes .pt checkpoints only (as YOLOv5's); "
+                         f"{', '.join(map(str, others))} {'is' if len(others) == 1 else 'are'} not")
+    runners = [_PyTorchRunner(p, device, fp16, fuse) for p in paths]
+    for path, runner in zip(paths[1:], runners[1:]):
+        if runner.names != runners[0].names:
+            raise ValueError(f"ensemble: {path} predicts classes {runner.names}, {paths[0]} predicts "
+                             f"{runners[0].names}; an ensemble needs the same classes")
+    return runners
