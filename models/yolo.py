@@ -256,7 +256,10 @@ def _module_args(m, f, n, args, ch, symbols, gd, gw, no, i, row):
         k = next(j for j, c in zip(sources, in_ch) if c is None)
         raise _row_error(i, row, f"reads layer {k}, an empty backbone slot (stride {2 ** (k + 1)})")
     if m in CONV_LIKE:
-        out_ch = args[0]
+        out_ch = args[0] if args else None
+        if not (isinstance(out_ch, int) and not isinstance(out_ch, bool) and out_ch > 0):
+            raise _row_error(i, row, f"{row[2]}'s first argument is its output channels, a positive integer; "
+                                     f"got {out_ch!r}")
         if out_ch != no:
             out_ch = make_divisible(out_ch * gw, 8)
         args = [in_ch[0], out_ch, *args[1:]]
@@ -277,11 +280,44 @@ def _module_args(m, f, n, args, ch, symbols, gd, gw, no, i, row):
     return args, n, out_ch
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _anchors_problem(anchors: Any) -> str | None:
+    if isinstance(anchors, int) and not isinstance(anchors, bool):
+        return None if anchors > 0 else f"'anchors' must be a positive count or a list of levels, got {anchors}"
+    levels_ok = isinstance(anchors, list) and anchors and all(
+        isinstance(level, list) and level and len(level) % 2 == 0 and all(_is_number(v) and v > 0 for v in level)
+        for level in anchors)
+    if not levels_ok:
+        return (f"'anchors' must be a list of levels, each an even-length list of positive pixel sizes "
+                f"[w0, h0, w1, h1, ...] (or an anchor count), got {anchors!r}")
+    return None
+
+
+def check_model_dict(d: dict) -> None:
+    """The top-level keys of a model YAML, all problems in one ModelConfigError: nc a positive int,
+    depth_multiple and width_multiple positive numbers, anchors, and backbone/head lists of rows."""
+    problems = [f"missing the key {key!r}" for key in ("nc", "depth_multiple", "width_multiple", "anchors",
+                                                        "backbone", "head") if key not in d]
+    if "nc" in d and not (isinstance(d["nc"], int) and not isinstance(d["nc"], bool) and d["nc"] > 0):
+        problems.append(f"'nc' (number of classes) must be a positive integer, got {d['nc']!r}")
+    for key in ("depth_multiple", "width_multiple"):
+        if key in d and not (_is_number(d[key]) and d[key] > 0):
+            problems.append(f"{key!r} must be a positive number (e.g. 0.33), got {d[key]!r}")
+    if "anchors" in d and (problem := _anchors_problem(d["anchors"])):
+        problems.append(problem)
+    for key in ("backbone", "head"):
+        if key in d and not (isinstance(d[key], list) and d[key]):
+            problems.append(f"{key!r} must be a non-empty list of [from, number, module, args] rows")
+    if problems:
+        raise ModelConfigError("model YAML: " + "; ".join(problems))
+
+
 def parse_model(d: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
     """Build the layers of a model dict (a parsed YAML); returns (nn.Sequential, sorted saved indices)."""
-    for key in ("nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head"):
-        if key not in d:
-            raise ModelConfigError(f"model YAML is missing the key {key!r}")
+    check_model_dict(d)
     nc, gd, gw, anchors = d["nc"], d["depth_multiple"], d["width_multiple"], d["anchors"]
     na = len(anchors[0]) // 2 if isinstance(anchors, list) else anchors
     no = na * (nc + 5)
@@ -299,7 +335,10 @@ def parse_model(d: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
             layers.extend(_tag(BackboneSlot(k, slot_channels[k]), k, -1, "slot") for k in range(1, NUM_SLOTS))
             ch = slot_channels
             continue
-        args, n, out_ch = _module_args(m, f, n, args, ch, symbols, gd, gw, no, i, row)
+        try:
+            args, n, out_ch = _module_args(m, f, n, args, ch, symbols, gd, gw, no, i, row)
+        except (TypeError, IndexError) as err:
+            raise _row_error(i, row, f"its arguments {args} do not fit {name}: {err}") from err
         try:
             module = nn.Sequential(*(m(*args) for _ in range(n))) if n > 1 else m(*args)
         except (TypeError, ValueError) as err:
@@ -343,13 +382,21 @@ class DetectionModel(nn.Module):
                  anchors: list | None = None):
         super().__init__()
         self.yaml = load_model_config(cfg)
+        source = self.yaml.get("yaml_file", "model dict") if isinstance(cfg, dict) else str(cfg)
+        try:
+            check_model_dict(self.yaml)
+        except ModelConfigError as err:
+            raise ModelConfigError(f"{source}: {err}") from None
         ch = self.yaml["ch"] = self.yaml.get("ch", ch)
         if nc and nc != self.yaml["nc"]:
             LOGGER.info(f"Overriding model.yaml nc={self.yaml['nc']} with nc={nc}")
             self.yaml["nc"] = nc
         if anchors:
             self.yaml["anchors"] = anchors
-        self.model, self.save = parse_model(copy.deepcopy(self.yaml), ch=[ch])
+        try:
+            self.model, self.save = parse_model(copy.deepcopy(self.yaml), ch=[ch])
+        except ModelConfigError as err:
+            raise ModelConfigError(f"{source}: {err}") from err.__cause__
         self.names = [str(i) for i in range(self.yaml["nc"])]
         self.nc = self.yaml["nc"]
         detect = self.model[-1]
