@@ -64,17 +64,27 @@ def run(**options) -> tuple[ValResults, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """val.py: 0 on success; 1 with one error line (no traceback) for a refused option (--half or a
+    --device this machine lacks), a missing file or a dataset/model mismatch, as detect.py does."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = parse_opt(argv)
+    try:
+        _validate_all(opt)
+    except (FileNotFoundError, ValueError) as err:
+        LOGGER.error(f"val.py: {err}")
+        return 1
+    return 0
+
+
+def _validate_all(opt: argparse.Namespace) -> None:
     if opt.task == "study":
         study(EvalOptions(**vars(opt)))
-        return 0
+        return
     for w in opt.weights:
         results, save_dir = run(**{**vars(opt), "weights": w})
         yaml_save(save_dir / "metrics.yaml", {"weights": str(w), "P": float(results.mp), "R": float(results.mr),
                                                "mAP50": float(results.map50), "mAP50-95": float(results.map),
                                                "speed_ms": [float(t) for t in results.speed]})
-    return 0
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def evaluate(opt: EvalOptions) -> tuple[ValResults, Path]:
 
     device = select_device(opt.device)
     if opt.half and device.type != "cuda":
-        raise ValueError("--half needs a CUDA device (half precision is not supported for CPU inference)")
+        raise ValueError(f"--half needs a CUDA device (half precision is not supported for "
+                         f"{device.type.upper()} inference; --device {opt.device!r} gave {device}); "
+                         f"drop --half or pick a CUDA device")
     cfg = check_dataset(opt.data)
     names = ["item"] if opt.single_cls else cfg["names"]
     backend = InferenceBackend(opt.weights, device=device, fp16=opt.half)

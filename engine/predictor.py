@@ -4,22 +4,29 @@ annotated media, labels, crops and a CSV.
     from engine.predictor import PredictOptions, predict
     save_dir = predict(PredictOptions(weights="best.pt", source="images/", save_txt=True))
 
---source takes an image, a folder, a glob, a .txt list of files, a video, a webcam index, an
-rtsp/rtmp/http(s) URL (read as a stream) or a .streams file listing several. Results go to
-runs/detect/exp, exp2, ...: annotated images (same name), annotated videos (<stem>.mp4, 'mp4v', the
-source's fps and frame size; with --vid-stride N only every N-th frame is written, at the source fps
-as YOLOv5 does), labels/<stem>.txt (labels/<stem>_<frame>.txt for video frames; one line per box:
-class x_centre y_centre width height, normalised to [0, 1], then conf with --save-conf),
-crops/<class name>/<stem>.jpg and predictions.csv (image, frame, class_id, class_name, confidence,
-x1, y1, x2, y2 in pixels of the original image).
+--source takes an image, a folder, a glob, a .txt list of files, a video, a FIFO (read as a video),
+a webcam index, an http(s) URL of an image (fetched, then read as a file), another rtsp/rtmp/http(s)
+URL (read as a stream) or a .streams file listing several. Results go to runs/detect/exp, exp2, ...:
+annotated images (same name), annotated videos (<stem>.mp4, 'mp4v', the source's fps and frame size;
+with --vid-stride N only every N-th frame is written, at the source fps as YOLOv5 does),
+labels/<stem>.txt (labels/<stem>_<frame>.txt for video frames; one line per box: class x_centre
+y_centre width height, normalised to [0, 1], then conf with --save-conf), crops/<class name>/<stem>.jpg
+and predictions.csv (image, frame, class_id, class_name, confidence, x1, y1, x2, y2 in pixels of the
+original image).
+
+Class names come from the weights file and stems from stream URLs, so each is made one safe path
+component before it names a file (utils.paths.safe_path_component: '../x' becomes '.._x~<hash>'); a
+source of which not one image or frame can be read is an error, a video that ends early a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,11 +36,12 @@ import cv2
 import numpy as np
 import torch
 
-from data.sources import LoadImages, LoadStreams, expand_source
+from data.sources import LoadImages, LoadStreams, expand_source, fetch_image_url, is_image_url
 from engine.backend import InferenceBackend, check_img_size
 from utils.boxes import scale_boxes, xyxy2xywh
 from utils.general import increment_path
 from utils.nms import non_max_suppression
+from utils.paths import safe_path_component
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import time_sync
 
@@ -66,6 +74,9 @@ class ResultWriter:
 
     def __init__(self, options: SaveOptions, names: Sequence[str]):
         self.options, self.names = options, list(names)
+        self.crop_folders = [safe_path_component(n) for n in self.names]  # names come from the weights file
+        if options.save_crop:
+            _warn_renamed_classes(self.names, self.crop_folders)
         self.videos: dict[int, tuple[Path, cv2.VideoWriter]] = {}  # per source index: (path, writer)
         self.label_files: set[Path] = set()
         self.csv_path = options.save_dir / "predictions.csv"
@@ -74,21 +85,22 @@ class ResultWriter:
               fps: float) -> None:
         o = self.options
         crop_source = im0.copy() if o.save_crop else None
-        stem = f"{path.stem}_{frame}" if video else path.stem
+        stem = output_stem(path)
         if o.save_txt and len(det):
-            self._write_labels(det, im0.shape, o.save_dir / "labels" / f"{stem}.txt")
+            label_stem = f"{stem}_{frame}" if video else stem
+            self._write_labels(det, im0.shape, o.save_dir / "labels" / f"{label_stem}.txt")
         if o.save_csv and len(det):
             self._write_csv(det, path.name, frame if video else 0)
         if crop_source is not None:
-            self._write_crops(det, crop_source, path.stem)
+            self._write_crops(det, crop_source, stem)
         annotated = self._annotate(det, im0) if (o.save_img or o.view_img) else im0
         if o.view_img:
             cv2.imshow(str(path), annotated)
             cv2.waitKey(1)
         if o.save_img and video:
-            self._write_video_frame(index, o.save_dir / f"{path.stem}.mp4", annotated, fps)
-        elif o.save_img and not cv2.imwrite(str(o.save_dir / path.name), annotated):
-            LOGGER.warning(f"{o.save_dir / path.name}: could not be written")
+            self._write_video_frame(index, o.save_dir / f"{stem}.mp4", annotated, fps)
+        elif o.save_img and not cv2.imwrite(str(o.save_dir / safe_path_component(path.name)), annotated):
+            LOGGER.warning(f"{o.save_dir / safe_path_component(path.name)}: could not be written")
 
     def _annotate(self, det: torch.Tensor, im0: np.ndarray) -> np.ndarray:
         annotator = Annotator(im0, line_width=self.options.line_thickness, example=str(self.names))
@@ -127,7 +139,7 @@ class ResultWriter:
 
     def _write_crops(self, det: torch.Tensor, image: np.ndarray, stem: str) -> None:
         for *xyxy, _, cls in det.tolist():
-            file = self.options.save_dir / "crops" / self.names[int(cls)] / f"{stem}.jpg"
+            file = self.options.save_dir / "crops" / self.crop_folders[int(cls)] / f"{stem}.jpg"
             try:
                 save_one_box(xyxy, image, file=file, BGR=True)
             except ValueError as err:  # a box squeezed to nothing by clipping has no pixels to save
@@ -153,8 +165,23 @@ class ResultWriter:
             cv2.destroyAllWindows()
 
 
+def output_stem(path: Path) -> str:
+    """The stem that names a source's outputs (<stem>.mp4, labels/<stem>.txt, crops/*/<stem>.jpg), made a
+    safe path component: a stream's 'path' is its URL, whose last part may be '..' or empty."""
+    return safe_path_component(path.stem)
+
+
+def _warn_renamed_classes(names: Sequence[str], folders: Sequence[str]) -> None:
+    for name, folder in zip(names, folders):
+        if name != folder:
+            LOGGER.warning(f"class name {name!r} is not a safe folder name; its crops go to crops/{folder}/")
+
+
 def is_stream(source: str) -> bool:
-    """Webcam index, rtsp/rtmp/http(s) URL or a .streams list: read live with LoadStreams."""
+    """Webcam index, rtsp/rtmp/http(s) URL (except an http(s) URL of an image, which is fetched as a
+    file) or a .streams list: read live with LoadStreams."""
+    if is_image_url(source):
+        return False
     return source.isnumeric() or source.endswith(".streams") or source.lower().startswith(STREAM_PREFIXES)
 
 
@@ -248,12 +275,25 @@ def predict(opt: PredictOptions) -> Path:
     """Detect objects in `opt.source` with `opt.weights` (.pt, .torchscript or .onnx); returns the
     results folder.
 
+    An http(s) URL of an image is first fetched into a temporary folder and read as a file.
     Raises FileNotFoundError naming a missing source or weights file, ValueError for bad options
-    (--half on the CPU, --classes out of range), ConnectionError for a stream that cannot be opened.
+    (--half on the CPU, --classes out of range) and for a source of which no image or video frame
+    could be read, ConnectionError for a stream that cannot be opened or an image URL that cannot be
+    fetched.
     """
     source = str(opt.source)
     if opt.vid_stride < 1:
         raise ValueError(f"--vid-stride {opt.vid_stride}: must be >= 1")
+    if not is_image_url(source):
+        return _predict(opt, source, source)
+    with tempfile.TemporaryDirectory(prefix="vitdet-url-") as folder:
+        local = fetch_image_url(source, folder)
+        LOGGER.info(f"{source}: fetched {local.stat().st_size} bytes to {local}")
+        return _predict(opt, str(local), source)
+
+
+def _predict(opt: PredictOptions, source: str, shown_as: str) -> Path:
+    """predict() on a local or stream `source`; `shown_as` names it in errors (the URL of a fetched image)."""
     stream = is_stream(source)
     if not stream:
         expand_source(source)  # fail fast on a missing source, before loading any weights
@@ -276,8 +316,19 @@ def predict(opt: PredictOptions) -> Path:
         times, seen, shape = _detect_loop(backend, dataset, writer, nms, opt.augment, stream)
     finally:
         writer.close()
+    if not seen and not stream:
+        _nothing_read(dataset, shown_as, save_dir)
     _log_summary(times, seen, shape, save_dir, writer)
     return save_dir
+
+
+def _nothing_read(dataset: LoadImages, source: str, save_dir: Path) -> None:
+    """Raise the error for a source that gave no image and no frame (removing the empty results folder)."""
+    with contextlib.suppress(OSError):
+        save_dir.rmdir()  # only if empty: nothing was written
+    problems = dataset.unreadable
+    listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    raise ValueError(f"{source}: no image or video frame could be read ({listed})")
 
 
 def _detect_loop(backend, dataset, writer: ResultWriter, nms: dict, augment: bool, stream: bool):

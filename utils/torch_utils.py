@@ -1,4 +1,5 @@
-"""Torch helpers: device selection, seeding, model statistics (parameters, GFLOPs), timing."""
+"""Torch helpers: device selection (--device parsing), seeding, model statistics (parameters,
+GFLOPs), timing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,26 +16,73 @@ from torch import nn
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 
+DEVICE_HELP = "'cpu', 'mps', '' (CUDA if available), 'cuda', 'cuda:N', a CUDA index 'N', or a list 'N,M'"
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """What a --device value asks for: kind 'auto' (CUDA if available, else CPU), 'cpu', 'mps' or
+    'cuda' with its device indices, in the order given."""
+
+    kind: str
+    indices: tuple[int, ...] = ()
+
+
+def _cuda_index(item: str, device: object) -> int:
+    """'1' or 'cuda:1' -> 1; 'cuda' -> 0 (what torch.device('cuda') means until set_device is called)."""
+    digits = item.removeprefix("cuda:") if item.startswith("cuda:") else ("0" if item == "cuda" else item)
+    if not digits.isdecimal() or not digits.isascii():
+        raise ValueError(f"--device {str(device)!r}: {item!r} is not a CUDA device; expected {DEVICE_HELP}")
+    return int(digits)
+
+
+def parse_device(device: str | int | torch.device = "") -> DeviceRequest:
+    """The request in a --device value, without looking at the hardware (pure; see select_device).
+
+    Accepts '', 'none', 'cpu', 'mps', 'cuda', 'cuda:N', 'N', 'N,M' (items may also be 'cuda:N'), an int
+    or a torch.device, in any case and with spaces around items. Raises ValueError naming the value.
+    """
+    text = str(device).strip().lower()
+    if text in ("", "none"):
+        return DeviceRequest("auto")
+    if text in ("cpu", "mps"):
+        return DeviceRequest(text)
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise ValueError(f"--device {str(device)!r}: empty item in the list; expected {DEVICE_HELP}")
+    indices = tuple(_cuda_index(item, device) for item in items)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"--device {str(device)!r}: a CUDA device is listed twice")
+    return DeviceRequest("cuda", indices)
+
+
 def select_device(device: str | int | torch.device = "") -> torch.device:
-    """'' -> first CUDA device if available else CPU; 'cpu'; '0' or 0 -> cuda:0; '0,1' -> cuda:0 (DDP sets
-    the rank's device itself). A CUDA request on a machine without CUDA is an error, not a silent CPU run."""
-    if isinstance(device, torch.device):
-        return device
-    spec = str(device).strip().lower().replace("cuda:", "")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec in ("", "none"):
+    """The torch.device for a --device value (see parse_device for the spellings).
+
+    '' -> cuda:0 if CUDA is available, else the CPU; 'cuda' -> cuda:0; 'cuda:N' or 'N' -> cuda:N;
+    'N,M' -> cuda:N (DDP sets each rank's device itself). A CUDA or MPS request that this machine
+    cannot serve is a ValueError naming the request, never a silent CPU run.
+    """
+    request = parse_device(device)
+    if request.kind == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if spec == "mps":
+    if request.kind == "cpu":
+        return torch.device("cpu")
+    if request.kind == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {str(device)!r}: MPS (Apple GPU) is not available here; "
+                             f"use --device cpu")
         return torch.device("mps")
-    ids = [s for s in spec.split(",") if s]
-    if not all(s.isdigit() for s in ids):
-        raise ValueError(f"--device {device!r}: expected 'cpu', 'mps', a CUDA index like '0', or a list '0,1'")
     if not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r} asks for CUDA, but CUDA is not available here; use --device cpu")
-    if int(ids[0]) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return torch.device(f"cuda:{ids[0]}")
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"--device {str(device)!r} asks for CUDA, but CUDA is not available here (torch "
+                         f"{torch.__version__}, {build}); use --device cpu")
+    count = torch.cuda.device_count()
+    missing = [i for i in request.indices if i >= count]
+    if missing:
+        present = ", ".join(map(str, range(count))) or "none"
+        raise ValueError(f"--device {str(device)!r}: only {count} CUDA device(s) present ({present})")
+    return torch.device(f"cuda:{request.indices[0]}")
 
 
 def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
