@@ -29,8 +29,8 @@ LOGGER = logging.getLogger(f"vitdet.{__name__}")
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=str, required=True,
-                        help="model: .pt checkpoint, .torchscript or .onnx")
+    parser.add_argument("--weights", nargs="+", required=True,
+                        help="model: .pt checkpoint, .torchscript or .onnx; several .pt files run as an ensemble")
     parser.add_argument("--source", type=str, required=True,
                         help="file, folder, glob, .txt list, video, webcam index, URL or .streams list")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
@@ -62,6 +62,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = parse_opt(argv)
+    opt.weights = opt.weights[0] if len(opt.weights) == 1 else opt.weights
     try:
         run(**vars(opt))
     except (FileNotFoundError, ValueError, ConnectionError) as err:

@@ -21,7 +21,7 @@ LOGGER = logging.getLogger(f"vitdet.{__name__}")
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="builtin.yaml", help="dataset YAML (bare names resolve in configs/data/)")
-    p.add_argument("--weights", nargs="+", default=["best.pt"], help="checkpoint .pt, .torchscript or .onnx")
+    p.add_argument("--weights", nargs="+", default=["best.pt"], help="checkpoint .pt, .torchscript or .onnx; several .pt run as one ensemble")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     p.add_argument("--conf-thres", type=float, default=0.001)
@@ -80,11 +80,12 @@ def _validate_all(opt: argparse.Namespace) -> None:
     if opt.task == "study":
         study(EvalOptions(**vars(opt)))
         return
-    for w in opt.weights:
-        results, save_dir = run(**{**vars(opt), "weights": w})
-        yaml_save(save_dir / "metrics.yaml", {"weights": str(w), "P": float(results.mp), "R": float(results.mr),
-                                               "mAP50": float(results.map50), "mAP50-95": float(results.map),
-                                               "speed_ms": [float(t) for t in results.speed]})
+    weights = opt.weights[0] if len(opt.weights) == 1 else opt.weights  # several .pt: one ensemble (YOLOv5)
+    results, save_dir = run(**{**vars(opt), "weights": weights})
+    yaml_save(save_dir / "metrics.yaml", {"weights": str(weights) if len(opt.weights) == 1 else [str(w) for w in weights], "P": float(results.mp),
+                                          "R": float(results.mr),
+                                          "mAP50": float(results.map50), "mAP50-95": float(results.map),
+                                          "speed_ms": [float(t) for t in results.speed]})
 
 
 if __name__ == "__main__":

@@ -85,3 +85,22 @@ def test_ensemble_test_time_augmentation_runs_each_model(checkpoints):
     x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     both = InferenceBackend([a, b])(x, augment=True)
     assert both.shape[1] == InferenceBackend(a)(x, augment=True).shape[1] * 2
+
+
+def test_detect_cli_with_two_weights_runs_the_ensemble(checkpoints, tmp_path):
+    import cv2
+    import numpy as np
+
+    import detect
+
+    a, b, _ = checkpoints
+    image = tmp_path / "im.jpg"
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (128, 160, 3), dtype=np.uint8))
+    args = ["--source", str(image), "--imgsz", "128", "--device", "cpu", "--save-txt", "--save-conf",
+            "--conf-thres", "0.01", "--iou-thres", "0.999", "--nosave", "--project", str(tmp_path)]  # see above
+    assert detect.main(["--weights", str(a), *args, "--name", "single"]) == 0
+    assert detect.main(["--weights", str(a), str(a), *args, "--name", "double"]) == 0
+    single = (tmp_path / "single" / "labels" / "im.txt").read_text().splitlines()
+    double = (tmp_path / "double" / "labels" / "im.txt").read_text().splitlines()
+    assert len(single) > 0 and sorted(single) == sorted(double)
+    assert detect.main(["--weights", str(a), str(checkpoints[2]), *args, "--name", "bad"]) == 1  # other classes
