@@ -154,3 +154,13 @@ def test_confusion_matrix_without_detections_or_labels():
     assert cm.matrix[3, 2] == 2 and cm.matrix[1, 3] == 1 and cm.matrix.sum() == 3
     with pytest.raises(ValueError, match="label class 7"):
         cm.process_batch(None, torch.tensor([[7.0, 0, 0, 1, 1]]))
+
+
+def test_smooth_keeps_the_length_of_every_curve():
+    """An even window made the curve one longer for 15-34 epochs, and plot_results crashed at the end."""
+    import numpy as np
+
+    from utils.metrics import smooth
+
+    for n in range(1, 120):
+        assert smooth(np.arange(n, dtype=float)).shape == (n,), n

@@ -36,7 +36,7 @@ def fitness(x: np.ndarray) -> np.ndarray:
 
 def smooth(y: np.ndarray, fraction: float = 0.05) -> np.ndarray:
     """Box-filter a 1-D curve with a window of about ``fraction`` of its length, edges padded."""
-    window = round(len(y) * fraction * 2) // 2 + 1  # odd, so the output keeps the input length
+    window = (round(len(y) * fraction * 2) // 2) * 2 + 1  # odd, so the output keeps the input length
     pad = np.ones(window // 2)
     padded = np.concatenate((pad * y[0], y, pad * y[-1]), 0)
     return np.convolve(padded, np.ones(window) / window, mode="valid")
