@@ -27,7 +27,6 @@ import logging
 import os
 import sys
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +36,12 @@ import numpy as np
 import torch
 
 from data.sources import LoadImages, LoadStreams, expand_source, fetch_image_url, is_image_url
-from engine.backend import InferenceBackend, check_img_size
-from utils.boxes import scale_boxes, xyxy2xywh
+from engine.backend import InferenceBackend
+from engine.detector import Detector
+from engine.results import annotate, crop_folders, describe, save_crops
+from utils.boxes import xyxy2xywh
 from utils.general import increment_path
-from utils.nms import non_max_suppression
 from utils.paths import safe_path_component
-from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import time_sync
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
@@ -74,7 +73,7 @@ class ResultWriter:
 
     def __init__(self, options: SaveOptions, names: Sequence[str]):
         self.options, self.names = options, list(names)
-        self.crop_folders = [safe_path_component(n) for n in self.names]  # names come from the weights file
+        self.crop_folders = crop_folders(self.names)  # names come from the weights file
         if options.save_crop:
             _warn_renamed_classes(self.names, self.crop_folders)
         self.videos: dict[int, tuple[Path, cv2.VideoWriter]] = {}  # per source index: (path, writer)
@@ -103,16 +102,9 @@ class ResultWriter:
             LOGGER.warning(f"{o.save_dir / safe_path_component(path.name)}: could not be written")
 
     def _annotate(self, det: torch.Tensor, im0: np.ndarray) -> np.ndarray:
-        annotator = Annotator(im0, line_width=self.options.line_thickness, example=str(self.names))
-        for *xyxy, conf, cls in reversed(det.tolist()):
-            c = int(cls)
-            annotator.box_label(xyxy, self._label(c, conf), color=colors(c, bgr=True))
-        return annotator.result()
-
-    def _label(self, c: int, conf: float) -> str:
-        if self.options.hide_labels:
-            return ""
-        return self.names[c] if self.options.hide_conf else f"{self.names[c]} {conf:.2f}"
+        o = self.options
+        return annotate(det, im0, self.names, o.line_thickness, labels=not o.hide_labels,
+                        conf=not o.hide_conf)
 
     def _write_labels(self, det: torch.Tensor, shape: tuple[int, ...], file: Path) -> None:
         """YOLO lines: class x y w h normalised by the original image size (+ conf with --save-conf)."""
@@ -138,12 +130,7 @@ class ResultWriter:
                                  *(f"{v:.1f}" for v in (x1, y1, x2, y2))))
 
     def _write_crops(self, det: torch.Tensor, image: np.ndarray, stem: str) -> None:
-        for *xyxy, _, cls in det.tolist():
-            file = self.options.save_dir / "crops" / self.crop_folders[int(cls)] / f"{stem}.jpg"
-            try:
-                save_one_box(xyxy, image, file=file, BGR=True)
-            except ValueError as err:  # a box squeezed to nothing by clipping has no pixels to save
-                LOGGER.warning(f"crop skipped: {err}")
+        save_crops(det, image, self.options.save_dir / "crops", self.crop_folders, stem)
 
     def _write_video_frame(self, index: int, save_path: Path, frame: np.ndarray, fps: float) -> None:
         current = self.videos.get(index)
@@ -199,33 +186,16 @@ def can_show_images() -> bool:
         return False
 
 
-def _check_classes(classes: Sequence[int] | None, names: Sequence[str]) -> list[int] | None:
-    if classes is None:
-        return None
-    bad = [c for c in classes if not 0 <= int(c) < len(names)]
-    if bad:
-        raise ValueError(f"--classes {' '.join(map(str, bad))}: the model has {len(names)} classes "
-                         f"(0..{len(names) - 1}: {', '.join(names)})")
-    return [int(c) for c in classes]
-
-
-def _input_size(backend: InferenceBackend, imgsz: int | Sequence[int]) -> tuple[int, int]:
-    """--imgsz rounded to the stride; a fixed-shape export dictates its own size."""
-    size = check_img_size(imgsz, backend.stride)
-    if backend.fixed_shape and size != tuple(backend.fixed_shape[1:]):
-        fixed = tuple(backend.fixed_shape[1:])
-        LOGGER.warning(f"{backend.weights} was exported for {fixed[0]}x{fixed[1]}; using that instead of "
-                       f"--imgsz {size[0]} {size[1]}")
-        size = fixed
+def _input_size(detector: Detector) -> tuple[int, int]:
+    """--imgsz rounded to the stride; a fixed-shape export dictates its own size (with a warning)."""
+    size = detector.input_size()
+    wanted = (detector.imgsz, detector.imgsz) if isinstance(detector.imgsz, int) else tuple(detector.imgsz)
+    wanted = wanted * 2 if len(wanted) == 1 else wanted
+    backend = detector.backend
+    if backend.fixed_shape and tuple(wanted) != size:
+        LOGGER.warning(f"{backend.weights} was exported for {size[0]}x{size[1]}; using that instead of "
+                       f"--imgsz {wanted[0]} {wanted[1]}")
     return size
-
-
-def describe(det: torch.Tensor, names: Sequence[str]) -> str:
-    """'2 car, 1 person, ' (classes in id order) or '(no detections), '."""
-    if not len(det):
-        return "(no detections), "
-    counts = Counter(int(c) for c in det[:, 5].tolist())
-    return "".join(f"{n} {names[c]}, " for c, n in sorted(counts.items()))
 
 
 @dataclass
@@ -261,9 +231,11 @@ class PredictOptions:
         return SaveOptions(save_dir, not self.nosave, self.save_txt, self.save_conf, self.save_crop,
                            self.save_csv, view_img, self.line_thickness, self.hide_labels, self.hide_conf)
 
-    def nms_options(self, classes: list[int] | None) -> dict:
-        return dict(conf_thres=self.conf_thres, iou_thres=self.iou_thres, classes=classes,
-                    agnostic=self.agnostic_nms, max_det=self.max_det)
+    def detector(self, backend: InferenceBackend) -> Detector:
+        """The Python API's Detector around `backend`, with these thresholds (detect.py runs through it)."""
+        return Detector(backend, conf=self.conf_thres, iou=self.iou_thres, classes=self.classes,
+                        max_det=self.max_det, imgsz=self.imgsz, augment=self.augment,
+                        agnostic=self.agnostic_nms)
 
 
 def run(weights: str | Path, source: str | Path, **options) -> Path:
@@ -298,8 +270,9 @@ def _predict(opt: PredictOptions, source: str, shown_as: str) -> Path:
     if not stream:
         expand_source(source)  # fail fast on a missing source, before loading any weights
     backend = InferenceBackend(opt.weights, device=opt.device, fp16=opt.half)
-    classes = _check_classes(opt.classes, backend.names)
-    size = _input_size(backend, opt.imgsz)
+    detector = opt.detector(backend)
+    detector.checked_classes()  # fail fast on --classes the model does not have
+    size = _input_size(detector)
     view_img = opt.view_img
     if view_img and not can_show_images():
         LOGGER.warning("--view-img: no display or a headless OpenCV build here; images will not be shown")
@@ -312,8 +285,7 @@ def _predict(opt: PredictOptions, source: str, shown_as: str) -> Path:
     writer = ResultWriter(opt.save_options(save_dir, view_img), backend.names)
     backend.warmup((len(dataset) if stream else 1, 3, *size))
     try:
-        nms = opt.nms_options(classes)
-        times, seen, shape = _detect_loop(backend, dataset, writer, nms, opt.augment, stream)
+        times, seen, shape = _detect_loop(detector, dataset, writer, stream)
     finally:
         writer.close()
     if not seen and not stream:
@@ -331,18 +303,19 @@ def _nothing_read(dataset: LoadImages, source: str, save_dir: Path) -> None:
     raise ValueError(f"{source}: no image or video frame could be read ({listed})")
 
 
-def _detect_loop(backend, dataset, writer: ResultWriter, nms: dict, augment: bool, stream: bool):
-    """Pre-process, infer, suppress and write every image/frame; returns (stage times, images, shape)."""
-    times, seen, shape = [0.0, 0.0, 0.0], 0, None
+def _detect_loop(detector: Detector, dataset, writer: ResultWriter, stream: bool):
+    """Pre-process, infer, suppress and write every image/frame; returns (stage times, images, shape).
+    Boxes are scaled to the original image but not rounded (drawing rounds), as the Python API's."""
+    times, seen, shape, device = [0.0, 0.0, 0.0], 0, None, detector.device
     for path, im, im0s, vid_cap, status in dataset:
-        t0 = time_sync(backend.device)
-        x = torch.from_numpy(im).to(backend.device).float() / 255  # uint8 0-255 -> float 0-1
+        t0 = time_sync(device)
+        x = torch.from_numpy(im).to(device).float() / 255  # uint8 0-255 -> float 0-1
         x = x[None] if x.dim() == 3 else x
-        t1 = time_sync(backend.device)
-        pred = backend(x, augment=augment)
-        t2 = time_sync(backend.device)
-        dets = non_max_suppression(pred, **nms)
-        t3 = time_sync(backend.device)
+        t1 = time_sync(device)
+        pred = detector.forward(x)
+        t2 = time_sync(device)
+        dets = detector.postprocess(pred, x.shape[2:], im0s if stream else [im0s])
+        t3 = time_sync(device)
         for stage, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
             times[stage] += dt
         shape = tuple(x.shape)
@@ -350,10 +323,9 @@ def _detect_loop(backend, dataset, writer: ResultWriter, nms: dict, augment: boo
             seen += 1
             context = _frame_context(dataset, stream, i, path, im0s, vid_cap, status)
             p, im0, frame, video, fps, prefix = context
-            det[:, :4] = scale_boxes(x.shape[2:], det[:, :4], im0.shape).round()  # to original pixels
             writer.write(det, im0, p, frame, video, i, fps)
             size = f"{x.shape[2]}x{x.shape[3]}"
-            LOGGER.info(f"{prefix}{size} {describe(det, backend.names)}{(t2 - t1) * 1e3:.1f}ms")
+            LOGGER.info(f"{prefix}{size} {describe(det, detector.names)}{(t2 - t1) * 1e3:.1f}ms")
     return times, seen, shape
 
 
