@@ -55,6 +55,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hide-labels", action="store_true", help="draw boxes without labels")
     parser.add_argument("--hide-conf", action="store_true", help="draw labels without confidences")
     parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast of a .pt model (CPUs with native bf16: AVX-512 BF16 or AMX)")
     parser.add_argument("--vid-stride", type=int, default=1, help="use every n-th video frame")
     return parser.parse_args(argv)
 

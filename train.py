@@ -30,6 +30,10 @@ LOGGER = logging.getLogger(f"vitdet.{__name__}")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="", help="our checkpoint to fine-tune from ('' = from scratch)")
+    p.add_argument("--backbone-weights", default="",
+                   help="official release or timm state_dict for the backbone of --cfg (not with --weights)")
+    p.add_argument("--backbone-weights-partial", action="store_true",
+                   help="accept a --backbone-weights file that leaves backbone tensors without a value")
     p.add_argument("--cfg", default="", help="model YAML (bare names resolve in configs/models/)")
     p.add_argument("--data", default="builtin.yaml", help="dataset YAML (default: the built-in dataset)")
     p.add_argument("--hyp", default="hyp.scratch-low.yaml", help="hyperparameter YAML")
@@ -45,15 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", nargs="?", const="ram", default=None, choices=["ram", "disk"],
                    help="cache images in ram (default) or on disk")
     p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    p.add_argument("--image-weights", action="store_true",
+                   help="draw each epoch's images weighted by their classes' rarity and last mAP (single process)")
+    p.add_argument("--quad", action="store_true",
+                   help="quad dataloader: 4 images of a batch become one at 2x size (batch a multiple of 4)")
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
     p.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW"])
     p.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
     p.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
     p.add_argument("--freeze", nargs="+", default=[], help="freeze first N layers, layers a b c, or 'backbone'")
+    p.add_argument("--freeze-epochs", type=int, default=0,
+                   help="train the --freeze layers again from this epoch on (0 = frozen throughout)")
     p.add_argument("--save-period", type=int, default=-1, help="save a checkpoint every x epochs (disabled if < 1)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns on CPU)")
+    p.add_argument("--amp", action="store_true", help="CPU: bf16 autocast (native bf16 only)")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     p.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
@@ -83,6 +94,13 @@ def check_opt(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> argpa
             parser.error(f"{flag} must be >= {low}, got {value}")
     if not 0 <= opt.label_smoothing < 1:
         parser.error(f"--label-smoothing must be in [0, 1), got {opt.label_smoothing}")
+    if opt.backbone_weights and opt.weights:
+        parser.error("--backbone-weights loads a release file into a --cfg model; --weights already gives "
+                     "the backbone its tensors. Use one of them")
+    if opt.backbone_weights_partial and not opt.backbone_weights:
+        parser.error("--backbone-weights-partial needs --backbone-weights FILE")
+    if opt.freeze_epochs < 0 or (opt.freeze_epochs and not opt.freeze):
+        parser.error(f"--freeze-epochs {opt.freeze_epochs}: give a number of epochs >= 1, with --freeze")
     if opt.freeze and opt.freeze != ["backbone"] and not all(str(x).isdigit() for x in opt.freeze):
         parser.error(f"--freeze takes a layer count, layer indices or 'backbone'; got {' '.join(opt.freeze)}")
     if opt.rect and opt.multi_scale:

@@ -20,8 +20,11 @@ LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="builtin.yaml", help="dataset YAML (bare names resolve in configs/data/)")
-    p.add_argument("--weights", nargs="+", default=["best.pt"], help="checkpoint .pt, .torchscript or .onnx; several .pt run as one ensemble")
+    p.add_argument("--data", default="builtin.yaml",
+                   help="dataset YAML (bare names resolve in configs/data/)")
+    p.add_argument("--weights", nargs="+", default=["best.pt"],
+                   help="checkpoint .pt, .torchscript, .onnx (also _int8.onnx) or an _openvino_model folder; "
+                        "several .pt run as one ensemble")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     p.add_argument("--conf-thres", type=float, default=0.001)
@@ -40,6 +43,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="exp")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     p.add_argument("--half", action="store_true", help="FP16 half-precision inference (CUDA only)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast of a .pt checkpoint; on the CPU only with native bf16 (AVX-512 BF16 / "
+                        "AMX), unless VITDET_EMULATED_BF16=1 (emulated, to measure accuracy)")
     opt = p.parse_args(argv)
     _check_opt(p, opt)
     return opt
@@ -82,8 +88,8 @@ def _validate_all(opt: argparse.Namespace) -> None:
         return
     weights = opt.weights[0] if len(opt.weights) == 1 else opt.weights  # several .pt: one ensemble (YOLOv5)
     results, save_dir = run(**{**vars(opt), "weights": weights})
-    yaml_save(save_dir / "metrics.yaml", {"weights": str(weights) if len(opt.weights) == 1 else [str(w) for w in weights], "P": float(results.mp),
-                                          "R": float(results.mr),
+    shown = str(weights) if len(opt.weights) == 1 else [str(w) for w in weights]
+    yaml_save(save_dir / "metrics.yaml", {"weights": shown, "P": float(results.mp), "R": float(results.mr),
                                           "mAP50": float(results.map50), "mAP50-95": float(results.map),
                                           "speed_ms": [float(t) for t in results.speed]})
 

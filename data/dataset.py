@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from data.augment import augment_hsv, copy_paste, letterbox, mixup, random_perspective
@@ -282,6 +283,34 @@ class LoadImagesAndLabels(Dataset):
         for i, lb in enumerate(labels):
             lb[:, 0] = i
         return torch.stack(images, 0), torch.cat(labels, 0), paths, shapes
+
+    @staticmethod
+    def collate_fn4(batch):
+        """YOLOv5's --quad collate: each group of 4 items becomes one image of twice the side, either the
+        first image upsampled 2x or the four tiled 2x2 (top-left, bottom-left, top-right, bottom-right),
+        labels moved and halved to match; a batch of B gives B // 4 images (paths and shapes of the first
+        B // 4 items, as YOLOv5). Which of the two is a function of the pixels, so a rerun repeats it."""
+        images, labels, paths, shapes = zip(*batch)
+        n = len(images) // 4
+        if not n:
+            raise ValueError(f"--quad needs batches of at least 4 images, got {len(images)}")
+        down, right = torch.tensor([[0.0, 0, 0, 1, 0, 0]]), torch.tensor([[0.0, 0, 1, 0, 0, 0]])
+        halve = torch.tensor([[1, 1, 0.5, 0.5, 0.5, 0.5]])
+        quads, quad_labels = [], []
+        for i in range(0, 4 * n, 4):
+            if int(images[i][:, ::8, ::8].sum()) % 2:  # pixel parity: a coin that reruns flip the same way
+                big = F.interpolate(images[i][None].float(), scale_factor=2.0, mode="bilinear",
+                                    align_corners=False)
+                quads.append(big[0].to(images[i].dtype))
+                quad_labels.append(labels[i].clone())
+            else:
+                left = torch.cat((images[i], images[i + 1]), 1)
+                quads.append(torch.cat((left, torch.cat((images[i + 2], images[i + 3]), 1)), 2))
+                parts = (labels[i], labels[i + 1] + down, labels[i + 2] + right, labels[i + 3] + down + right)
+                quad_labels.append(torch.cat(parts, 0) * halve)
+        for k, lb in enumerate(quad_labels):
+            lb[:, 0] = k
+        return torch.stack(quads, 0), torch.cat(quad_labels, 0), paths[:n], shapes[:n]
 
 
 def _mosaic_tile(tile: int, xc: int, yc: int, w: int, h: int, s: int):

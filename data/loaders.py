@@ -102,13 +102,22 @@ def create_dataloader(
     seed: int = 0,
     names: list[str] | None = None,
     names_source: str | None = None,
+    image_weights: bool = False,
+    quad: bool = False,
 ) -> tuple[DataLoader, LoadImagesAndLabels]:
-    """(DataLoader, dataset) for one dataset source; batches are LoadImagesAndLabels.collate_fn's.
+    """(DataLoader, dataset) for one dataset source; batches are LoadImagesAndLabels.collate_fn's
+    (collate_fn4's with quad: every 4 images become one at twice the size, as YOLOv5's --quad).
+
+    image_weights: the caller redraws ``dataset.indices`` each epoch (the trainer's --image-weights);
+    it needs shuffled, non-rectangular batches.
 
     names_source (the dataset YAML the names came from) is named when the labels' class ids do not fit.
     rank != -1 uses a distributed sampler (call ``loader.sampler.set_epoch(epoch)`` each epoch);
     batch_size is per process. Workers are capped by CPUs per GPU and by the batch size.
     """
+    if image_weights and rect:
+        raise ValueError(f"{prefix}image weights redraw the images each epoch; they cannot use --rect "
+                         "batches")
     if rect and shuffle:
         LOGGER.warning(f"{prefix}--rect is incompatible with DataLoader shuffle, setting shuffle=False")
         shuffle = False
@@ -132,7 +141,7 @@ def create_dataloader(
         sampler=sampler,
         num_workers=n_workers,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=LoadImagesAndLabels.collate_fn,
+        collate_fn=LoadImagesAndLabels.collate_fn4 if quad else LoadImagesAndLabels.collate_fn,
         worker_init_fn=seed_worker,
         generator=generator,
         persistent_workers=False,  # fresh workers each epoch see the dataset's current epoch

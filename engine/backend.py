@@ -1,13 +1,22 @@
-"""One inference front for detect.py and val.py: our checkpoints, TorchScript and ONNX files alike.
+"""One inference front for detect.py and val.py: our checkpoints, TorchScript, ONNX (float or INT8)
+and OpenVINO exports alike.
 
     backend = InferenceBackend("runs/train/exp/weights/best.onnx", device="cpu")
     pred = backend(images)          # images: (B, 3, H, W) float in [0, 1], RGB
     # pred: (B, N, 5 + nc) rows [x, y, w, h (pixels of the input), obj, cls scores...]
 
-The three kinds give the same decoded rows (what `DetectionModel` returns in eval mode), so NMS and
+All kinds give the same decoded rows (what `DetectionModel` returns in eval mode), so NMS and
 everything after it never needs to know which file was loaded. Exported files carry their stride and
-class names as metadata (ONNX `metadata_props`; TorchScript `_extra_files['config.txt']`, JSON), written
-by `engine.exporter`.
+class names as metadata (ONNX `metadata_props`; TorchScript `_extra_files['config.txt']`, JSON; OpenVINO
+`metadata.yaml` beside the IR), written by `engine.exporter`. An INT8 ONNX file (export.py --int8) is
+plain ONNX with QuantizeLinear/DequantizeLinear nodes and runs through onnxruntime like any other; its
+metadata says `precision: int8`. OpenVINO: pass the `<stem>_openvino_model/` folder (or its .xml); it
+runs on OpenVINO's CPU device, with dynamic shapes when it was exported with --dynamic.
+
+bf16=True runs a .pt checkpoint under `torch.autocast('cpu', dtype=torch.bfloat16)` (the Detect
+head's output convolutions and box decoding stay float32; outputs are float32). It is refused with a
+ValueError on CPUs without native bf16 (see engine.precision) unless allow_emulated_bf16=True (or
+VITDET_EMULATED_BF16=1), which measures bf16 accuracy with PyTorch's float32 emulation.
 
 Fixed-shape exports (everything exported without `--dynamic`) only accept their exported height and
 width; a batch of another size is run in chunks of the exported batch size (the last chunk padded),
@@ -31,7 +40,8 @@ from utils.torch_utils import select_device
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
-KINDS = {".pt": "pytorch", ".torchscript": "torchscript", ".onnx": "onnx"}
+KINDS = {".pt": "pytorch", ".torchscript": "torchscript", ".onnx": "onnx", ".xml": "openvino"}
+OPENVINO_SUFFIX = "_openvino_model"  # export.py --include openvino writes <stem>_openvino_model/
 TORCHSCRIPT_METADATA = "config.txt"  # name of the TorchScript extra file holding the JSON metadata
 TTA_SCALES = (1.0, 0.83, 0.67)  # YOLOv5's test-time augmentation: scales ...
 TTA_FLIPS = (None, 3, None)  # ... and flips (3 = left-right on a (B, C, H, W) tensor)
@@ -68,6 +78,31 @@ def read_torchscript_metadata(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: extra/{TORCHSCRIPT_METADATA} must hold a JSON object, "
                          f"found {type(data).__name__}")
     return data
+
+
+def openvino_model_files(path: str | Path) -> tuple[Path, Path]:
+    """(IR .xml, metadata.yaml) of an OpenVINO export given as its folder or its .xml file."""
+    path = Path(path)
+    if path.is_dir():
+        xmls = sorted(path.glob("*.xml"))
+        if len(xmls) != 1:
+            raise FileNotFoundError(f"{path}: expected one OpenVINO .xml model in the folder, found "
+                                    f"{len(xmls)}")
+        return xmls[0], path / "metadata.yaml"
+    return path, path.parent / "metadata.yaml"
+
+
+def read_openvino_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata.yaml beside an OpenVINO IR (folder or .xml); {} when absent."""
+    import yaml
+
+    meta_file = openvino_model_files(path)[1]
+    if not meta_file.is_file():
+        return {}
+    meta = yaml.safe_load(meta_file.read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file}: must hold a mapping, found {type(meta).__name__}")
+    return meta
 
 
 def _decode_metadata(props: dict[str, str]) -> dict[str, Any]:
@@ -132,7 +167,7 @@ def scale_image(im: torch.Tensor, ratio: float, stride: int = 32) -> torch.Tenso
 class _PyTorchRunner:
     """One of our checkpoints, rebuilt as a DetectionModel (EMA weights when present)."""
 
-    def __init__(self, path: Path, device: torch.device, fp16: bool, fuse: bool):
+    def __init__(self, path: Path, device: torch.device, fp16: bool, fuse: bool, bf16: bool = False):
         from engine.checkpoint import load_detection_model
 
         model = load_detection_model(path, device, fuse=False)
@@ -145,12 +180,28 @@ class _PyTorchRunner:
         self.anchors_per_cell = int(detect.na)
         self.stride = int(max(self.strides))
         self.names = [str(n) for n in self.model.names]
-        self.dynamic, self.fixed_shape, self.fp16 = True, None, fp16
+        self.dynamic, self.fixed_shape, self.fp16, self.bf16 = True, None, fp16, bf16
         self.input_dtype = torch.float16 if fp16 else torch.float32
+        self.device_type = device.type
+        if bf16:
+            keep_float32(detect, device.type)
 
     def __call__(self, im: torch.Tensor) -> torch.Tensor:
-        out = self.model(im)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(im)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def keep_float32(module: torch.nn.Module, device_type: str) -> None:
+    """Run `module` (the Detect head) in float32 inside a bf16 autocast region: its 1x1 output convs
+    and the box decoding (pixel coordinates up to the image size; bf16 would round 600 px to 4 px)."""
+    forward = module.forward
+
+    def float_forward(x):
+        with torch.autocast(device_type, enabled=False):
+            return forward([t.float() for t in x])
+
+    module.forward = float_forward
 
 
 class _TorchScriptRunner:
@@ -208,53 +259,113 @@ class _OnnxRunner:
         if fp16 and not self.fp16:
             LOGGER.warning(f"{path} takes float32 input; fp16 ignored (export with --half for an fp16 model)")
         self.input_dtype = torch.float16 if self.fp16 else torch.float32
+        self.meta_precision = meta.get("precision")
 
     def __call__(self, im: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: im.detach().cpu().numpy()})[0]
         return torch.from_numpy(out).to(im.device)
 
 
+class _OpenVINORunner:
+    """An OpenVINO IR written by export.py (`<stem>_openvino_model/`), compiled for OpenVINO's CPU device."""
+
+    def __init__(self, path: Path, device: torch.device):
+        import openvino as ov
+
+        if device.type != "cpu":
+            LOGGER.warning(f"{path}: OpenVINO runs on its CPU device here; outputs are moved to {device}")
+        xml, _ = openvino_model_files(path)
+        meta = read_openvino_metadata(path)
+        core = ov.Core()
+        model = core.read_model(str(xml))
+        self.model = core.compile_model(model, "CPU")
+        self.request = self.model.create_infer_request()
+        self.stride = _stride_from_metadata(meta, path)
+        out_dim = model.output(0).get_partial_shape()[-1]
+        nc = out_dim.get_length() - 5 if out_dim.is_static else meta.get("nc")
+        self.names = _names_from_metadata(meta, nc, path)
+        self.dynamic = model.input(0).get_partial_shape().is_dynamic
+        self.fixed_shape = None if self.dynamic else _fixed_shape_from_metadata(meta, path)
+        self.fp16, self.input_dtype = False, torch.float32
+        self.meta_precision = meta.get("precision")
+
+    def __call__(self, im: torch.Tensor) -> torch.Tensor:
+        self.request.infer({0: im.detach().cpu().float().numpy()})
+        out = torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+        return out.to(im.device)
+
+
+def weights_kind(path: Path) -> str | None:
+    """'pytorch', 'torchscript', 'onnx' or 'openvino' by the file (or folder) name; None if unknown."""
+    if path.name.endswith(OPENVINO_SUFFIX) or (path.is_dir() and any(path.glob("*.xml"))):
+        return "openvino"
+    return KINDS.get(path.suffix)
+
+
+def _precision_of(runner, meta_precision: str | None) -> str:
+    if getattr(runner, "bf16", False):
+        return "bf16"
+    if meta_precision:
+        return str(meta_precision)
+    return "fp16" if runner.fp16 else "fp32"
+
+
 # -- the front ----------------------------------------------------------------------------------------
 class InferenceBackend:
-    """Load `.pt` (our checkpoints), `.torchscript` or `.onnx` weights and run them the same way.
+    """Load `.pt` (our checkpoints), `.torchscript`, `.onnx` or OpenVINO (`<stem>_openvino_model/` or
+    its `.xml`) weights and run them the same way.
+
+    Args:
+        fp16: float16 inference (CUDA only).
+        bf16: bfloat16 autocast for a `.pt` checkpoint (Detect head kept float32; outputs float32).
+            Refused (ValueError) with any other format, together with fp16, and on a CPU without
+            native bf16 (AVX-512 BF16 / AMX) unless `allow_emulated_bf16` (or VITDET_EMULATED_BF16=1).
+        allow_emulated_bf16: run bf16 where the CPU only emulates it (to measure accuracy, not speed).
 
     Attributes:
-        kind: 'pytorch', 'torchscript' or 'onnx'.
+        kind: 'pytorch', 'torchscript', 'onnx' or 'openvino'.
         stride: the model's largest stride in pixels (int); input sides must be multiples of it.
         names: class names, index = class id.
         dynamic: True when any input size (multiple of `stride`) and batch work.
         fixed_shape: (B, H, W) the file was exported for, or None when dynamic.
         fp16: True when the model runs in float16 (inputs are converted).
+        precision: 'fp32', 'fp16', 'bf16' or 'int8' (an export's metadata `precision`).
+        bf16_emulated: True when bf16 runs without native hardware support.
         device: the torch.device the outputs are on.
     """
 
     def __init__(self, weights: str | Path | list, device: str | torch.device = "cpu", fp16: bool = False,
-                 fuse: bool = True):
+                 fuse: bool = True, bf16: bool = False, allow_emulated_bf16: bool = False):
         paths = [Path(w) for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
         for path in paths:
-            if path.suffix not in KINDS:
+            if weights_kind(path) is None:
                 raise ValueError(f"weights {path}: unsupported format '{path.suffix}'; expected one of "
-                                 f"{', '.join(KINDS)} (our checkpoints, TorchScript or ONNX exports)")
-            if not path.is_file():
+                                 f"{', '.join(KINDS)} or a *{OPENVINO_SUFFIX}/ folder (our checkpoints, "
+                                 f"TorchScript, ONNX or OpenVINO exports)")
+            if not (path.exists() if weights_kind(path) == "openvino" else path.is_file()):
                 raise FileNotFoundError(f"weights not found: {path}")
         self.device = select_device(device)
         if fp16 and self.device.type == "cpu":
             raise ValueError("fp16 (--half) needs a CUDA device; float16 inference is not supported on "
                              "the CPU")
-        self.weights, self.kind = paths[0], KINDS[paths[0].suffix]
-        self._runners = _make_runners(paths, self.device, fp16, fuse)
+        self.weights, self.kind = paths[0], weights_kind(paths[0])
+        self.bf16_emulated = bf16 and _check_bf16(paths, self.device, fp16, allow_emulated_bf16)
+        self._runners = _make_runners(paths, self.device, fp16, fuse, bf16)
         self._runner = self._runners[0]
         self.stride = max(r.stride for r in self._runners)
         self.names = self._runner.names
         self.dynamic, self.fixed_shape = self._runner.dynamic, self._runner.fixed_shape
         self.fp16 = self._runner.fp16
+        self.precision = _precision_of(self._runner, getattr(self._runner, "meta_precision", None))
         what = f"an ensemble of {len(paths)} models" if len(paths) > 1 else self.kind
-        LOGGER.info(f"Loaded {', '.join(map(str, paths))} ({what}, stride {self.stride}, {len(self.names)} classes, "
+        how = f", {self.precision}{' (emulated)' if self.bf16_emulated else ''}"
+        LOGGER.info(f"Loaded {', '.join(map(str, paths))} ({what}{how}, stride {self.stride}, "
+                    f"{len(self.names)} classes, "
                     f"{'dynamic' if self.dynamic else f'fixed input {self.fixed_shape}'})")
 
     @property
     def model(self):
-        """The underlying DetectionModel, ScriptModule or onnxruntime session."""
+        """The underlying DetectionModel, ScriptModule, onnxruntime session or OpenVINO CompiledModel."""
         runner = self._runner
         return runner.session if isinstance(runner, _OnnxRunner) else runner.model
 
@@ -346,20 +457,42 @@ def _rows_per_level(runner: _PyTorchRunner, size: tuple[int, int]) -> list[int]:
     return [runner.anchors_per_cell * math.ceil(h / s) * math.ceil(w / s) for s in runner.strides]
 
 
-def _make_runners(paths: list[Path], device: torch.device, fp16: bool, fuse: bool) -> list:
+def _check_bf16(paths: list[Path], device: torch.device, fp16: bool, allow_emulated: bool) -> bool:
+    """Refuse bf16 where it cannot run (see InferenceBackend); True when it runs emulated."""
+    from engine import precision
+
+    others = [str(p) for p in paths if weights_kind(p) != "pytorch"]
+    if others:
+        raise ValueError(f"bf16 (--bf16) runs our .pt checkpoints under torch.autocast; {', '.join(others)} "
+                         f"is an export (run it in its own precision, or pass the .pt)")
+    if fp16:
+        raise ValueError("--bf16 and --half cannot be combined; pick one")
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError(f"bf16 (--bf16): CUDA device {device} does not support bfloat16")
+        return False
+    if device.type != "cpu":
+        raise ValueError(f"bf16 (--bf16) is supported on the CPU and CUDA, not on {device.type}")
+    return precision.check_cpu_bf16("bf16 (--bf16)", allow_emulated)
+
+
+def _make_runners(paths: list[Path], device: torch.device, fp16: bool, fuse: bool,
+                  bf16: bool = False) -> list:
     """One runner per file; several files make an ensemble, which takes our .pt checkpoints only and
     needs them to agree on the classes."""
-    kind = KINDS[paths[0].suffix]
+    kind = weights_kind(paths[0])
     if len(paths) == 1:
         if kind == "pytorch":
-            return [_PyTorchRunner(paths[0], device, fp16, fuse)]
+            return [_PyTorchRunner(paths[0], device, fp16, fuse, bf16)]
+        if kind == "openvino":
+            return [_OpenVINORunner(paths[0], device)]
         runner = _TorchScriptRunner if kind == "torchscript" else _OnnxRunner
         return [runner(paths[0], device, fp16)]
-    others = [p for p in paths if KINDS[p.suffix] != "pytorch"]
+    others = [p for p in paths if weights_kind(p) != "pytorch"]
     if others:
         raise ValueError(f"an ensemble of several --weights takes .pt checkpoints only (as YOLOv5's); "
                          f"{', '.join(map(str, others))} {'is' if len(others) == 1 else 'are'} not")
-    runners = [_PyTorchRunner(p, device, fp16, fuse) for p in paths]
+    runners = [_PyTorchRunner(p, device, fp16, fuse, bf16) for p in paths]
     for path, runner in zip(paths[1:], runners[1:]):
         if runner.names != runners[0].names:
             raise ValueError(f"ensemble: {path} predicts classes {runner.names}, {paths[0]} predicts "

@@ -48,11 +48,13 @@ class EvalOptions:
     exist_ok: bool = False
     half: bool = False
     plots: bool = True
+    bf16: bool = False  # bf16 autocast of a .pt checkpoint (engine.backend.InferenceBackend's bf16)
 
     def val_options(self, save_dir: Path) -> ValOptions:
         speed = self.task == "speed"
         return ValOptions(conf_thres=0.25 if speed else self.conf_thres, iou_thres=0.45 if speed else self.iou_thres,
-                          max_det=self.max_det, half=self.half, augment=self.augment, single_cls=self.single_cls,
+                          max_det=self.max_det, half=self.half, bf16=self.bf16, augment=self.augment,
+                          single_cls=self.single_cls,
                           save_dir=save_dir, plots=self.plots and not speed, save_txt=self.save_txt,
                           save_conf=self.save_conf, save_json=self.save_json, verbose=self.verbose)
 
@@ -69,7 +71,7 @@ def evaluate(opt: EvalOptions) -> tuple[ValResults, Path]:
                          f"drop --half or pick a CUDA device")
     cfg = check_dataset(opt.data)
     names = ["item"] if opt.single_cls else cfg["names"]
-    backend = InferenceBackend(opt.weights, device=device, fp16=opt.half)
+    backend = InferenceBackend(opt.weights, device=device, fp16=opt.half, bf16=opt.bf16)
     check_classes(backend, cfg, opt.weights, opt.single_cls)
     imgsz, batch_size, rect = shapes_for(backend, opt.imgsz, opt.batch_size)
     split = opt.task if opt.task in ("train", "val", "test") else "val"
@@ -153,20 +155,31 @@ def evaluate_with_pycocotools(cfg: dict, split: str, results: ValResults, save_d
     return coco
 
 
-def study(opt: EvalOptions) -> list[Path]:
-    """mAP and speed against image size for each weights file (YOLOv5's --task study); returns the
-    text files written (imgsz, P, R, mAP50, mAP50-95, pre, inference, NMS ms per row)."""
+STUDY_SIZES = tuple(range(256, 1536 + 128, 128))  # YOLOv5's --task study image sizes
+
+
+def study(opt: EvalOptions, sizes: tuple[int, ...] = STUDY_SIZES) -> Path:
+    """mAP and speed against image size for each weights file (YOLOv5's --task study). Everything goes
+    into one new run folder (runs/val/exp, exp2, ...): study_<data>_<weights>.txt (imgsz, P, R, mAP50,
+    mAP50-95, pre, inference, NMS ms per row), study.png, and one subfolder per evaluation
+    (<weights>_<imgsz>/). Returns the folder."""
+    from utils.plots import plot_study
+
     weights = opt.weights if isinstance(opt.weights, (list, tuple)) else [opt.weights]
+    folder = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
     written = []
     for w in weights:
         rows = []
-        for size in range(256, 1536 + 128, 128):
+        for size in sizes:
             LOGGER.info(f"Running {w} --imgsz {size}...")
-            r, _ = evaluate(EvalOptions(**{**asdict(opt), "weights": w, "imgsz": size, "task": "val",
-                                           "plots": False}))
+            each = {"weights": w, "imgsz": size, "task": "val", "plots": False, "project": folder,
+                    "name": f"{Path(w).stem}_{size}", "exist_ok": False}
+            r, _ = evaluate(EvalOptions(**{**asdict(opt), **each}))
             rows.append([size, *r.as_row()[:4], *r.speed])
-        out = Path(f"study_{Path(opt.data).stem}_{Path(w).stem}.txt")
+        out = folder / f"study_{Path(opt.data).stem}_{Path(w).stem}.txt"
         out.write_text("".join(" ".join(f"{v:10.4g}" for v in row) + "\n" for row in rows))
-        LOGGER.info(f"Study written to {out} (imgsz, P, R, mAP50, mAP50-95, pre, inference, NMS ms)")
         written.append(out)
-    return written
+    plot = plot_study(written, folder / "study.png") if opt.plots else None
+    LOGGER.info(f"Study saved to {folder}: {', '.join(p.name for p in written)}"
+                f"{', study.png' if plot else ''} (imgsz, P, R, mAP50, mAP50-95, pre, inference, NMS ms)")
+    return folder

@@ -1,5 +1,5 @@
-"""Export our checkpoints to TorchScript, ONNX and (when `openvino` is installed) OpenVINO, and verify
-every export by running it.
+"""Export our checkpoints to TorchScript, ONNX (float32, or INT8 with `int8=True`) and OpenVINO, and
+verify every export by running it.
 
 The exported network is the fused/reparameterised `DetectionModel` with `Detect.export` set, so every
 format returns one tensor (B, N, 5 + nc) of decoded rows [x, y, w, h (input pixels), obj, cls...] --
@@ -7,7 +7,14 @@ exactly what `engine.backend.InferenceBackend` returns for a checkpoint.
 
 Each file carries its metadata (stride, class names, input shape, dynamic, half, the source weights):
 ONNX in `metadata_props` (JSON-encoded values), TorchScript in `_extra_files['config.txt']` (JSON),
-OpenVINO in `metadata.yaml` beside the IR.
+OpenVINO in `metadata.yaml` beside the IR (plus imgsz and batch, as Ultralytics writes it). Every file
+also says its `precision` ('fp32', 'fp16' or 'int8').
+
+INT8 (`int8=True`, export.py --int8 --data DATA.yaml): the verified float ONNX export is quantised
+statically (engine.quantize: QDQ, U8S8 per-channel, calibrated on --calib images of the train split)
+into `<stem>_int8.onnx`. Its check is accuracy, not equality: the float ONNX model and the INT8 model
+are both validated on the dataset's val split, and a mAP50-95 drop above `int8_tolerance` fails the
+export (ExportError naming both mAPs, the drop and the tolerance; no INT8 file is written).
 
 Verification: each export is written to a temporary file, run on a seeded random input (and on a
 second input size/batch when `dynamic`), and compared with the PyTorch output. The error is measured
@@ -73,13 +80,17 @@ class Verification:
 class ExportResult:
     path: Path
     checks: list[Verification] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # INT8: map_float, map_int8, drop
 
 
 # -- small helpers --------------------------------------------------------------------------------------
 def target_path(weights: Path, fmt: str) -> Path:
-    """Where `fmt` is written for `weights`: best.pt -> best.torchscript / best.onnx / best_openvino_model."""
+    """Where `fmt` is written for `weights`: best.pt -> best.torchscript / best.onnx / best_openvino_model
+    / best_int8.onnx (fmt 'onnx_int8')."""
     if fmt == "openvino":
         return weights.with_name(f"{weights.stem}_openvino_model")
+    if fmt == "onnx_int8":
+        return weights.with_name(f"{weights.stem}_int8.onnx")
     return weights.with_suffix(f".{fmt}")
 
 
@@ -179,6 +190,7 @@ def export_metadata(model, weights: Path, shape: Sequence[int], dynamic: bool, h
         "shape": [int(s) for s in shape],
         "dynamic": bool(dynamic),
         "half": bool(half),
+        "precision": "fp16" if half else "fp32",
         "weights": weights.name,
         "weights_sha256": _sha256(weights),
     }
@@ -235,15 +247,9 @@ def write_openvino(model, sample: torch.Tensor, tmp_dir: Path, meta: dict[str, A
         ov.save_model(ov.convert_model(str(onnx_file)), str(tmp_dir / f"{stem}.xml"), compress_to_fp16=False)
     finally:
         onnx_file.unlink(missing_ok=True)
-    (tmp_dir / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
-
-
-def _openvino_runner(ir_dir: Path, stem: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(ir_dir / f"{stem}.xml"), "CPU")
-    output = compiled.output(0)
-    return lambda x: torch.from_numpy(compiled([x.detach().cpu().float().numpy()])[output])
+    shape = meta["shape"]
+    ov_meta = {**meta, "imgsz": [int(shape[2]), int(shape[3])], "batch": int(shape[0])}
+    (tmp_dir / "metadata.yaml").write_text(yaml.safe_dump(ov_meta, sort_keys=False))
 
 
 # -- verification -------------------------------------------------------------------------------------
@@ -312,7 +318,7 @@ def _export_atomically(fmt: str, target: Path, temp, write, run, cases) -> Expor
 
 # -- entry points -------------------------------------------------------------------------------------
 def _check_request(weights: Path, include: Sequence[str], device: torch.device, half: bool,
-                   dynamic: bool) -> list[str]:
+                   dynamic: bool, int8: bool = False, data=None) -> list[str]:
     if weights.suffix != ".pt":
         raise ValueError(f"--weights {weights}: export starts from one of our .pt checkpoints")
     if not weights.is_file():
@@ -326,6 +332,14 @@ def _check_request(weights: Path, include: Sequence[str], device: torch.device, 
         raise ValueError("--half exports float16 models and needs a CUDA --device (e.g. --device 0)")
     if half and dynamic:
         raise ValueError("--half and --dynamic cannot be combined (as in YOLOv5); drop one of them")
+    if int8:
+        if "onnx" not in formats:
+            raise ValueError("--int8 quantises the ONNX export; add onnx to --include")
+        if half:
+            raise ValueError("--int8 and --half cannot be combined; INT8 is quantised from float32")
+        if not data:
+            raise ValueError("--int8 needs --data DATASET.yaml: its train split calibrates the quantisation "
+                             "and its val split checks the mAP")
     if "openvino" in formats:
         if half:
             raise ValueError("--half is for CUDA formats; OpenVINO is exported in float32")
@@ -339,18 +353,25 @@ def _check_request(weights: Path, include: Sequence[str], device: torch.device, 
 def export_and_verify(weights: str | Path, include: Sequence[str] = ("torchscript", "onnx"),
                       imgsz: int | Sequence[int] = (640, 640), batch_size: int = 1, dynamic: bool = False,
                       opset: int | None = None, simplify: bool = False, half: bool = False,
-                      device: str | torch.device = "cpu") -> dict[str, ExportResult]:
+                      device: str | torch.device = "cpu", int8: bool = False, data: str | Path | None = None,
+                      calib: int | None = None, int8_tolerance: float | None = None,
+                      workers: int = 0) -> dict[str, ExportResult]:
     """Export `weights` to each format in `include` and verify each; returns {format: ExportResult}.
 
     imgsz: (height, width) or one side, rounded up to a multiple of the stride; batch_size: the
-    exported batch (any batch works with `dynamic`). Raises ExportError (failed or wrong export),
+    exported batch (any batch works with `dynamic`). int8 (needs 'onnx' in include and `data`): also
+    write `<stem>_int8.onnx`, calibrated on `calib` train images (default 100) and accepted only if its
+    val mAP50-95 is at most `int8_tolerance` (default 0.01) below the float ONNX model's; its result is
+    under the key 'onnx_int8'. Raises ExportError (failed or wrong export, or too large an INT8 drop),
     FileExistsError (would overwrite a file that is not our export), ValueError (bad request).
     """
+    from engine.quantize import DEFAULT_CALIB_IMAGES, DEFAULT_INT8_TOLERANCE
+
     weights, device = Path(weights), select_device(device)
-    formats = _check_request(weights, include, device, half, dynamic)
+    formats = _check_request(weights, include, device, half, dynamic, int8, data)
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: must be >= 1")
-    targets = {fmt: target_path(weights, fmt) for fmt in formats}
+    targets = {fmt: target_path(weights, fmt) for fmt in formats + (["onnx_int8"] if int8 else [])}
     for target in targets.values():
         check_overwrite(target, weights)  # before any work, so a refusal leaves nothing half done
     model = load_export_model(weights, device, half)
@@ -368,25 +389,63 @@ def export_and_verify(weights: str | Path, include: Sequence[str] = ("torchscrip
         "onnx": lambda p: write_onnx(model, sample, p, meta, opset, dynamic, simplify),
         "openvino": lambda d: write_openvino(model, sample, d, meta, opset, dynamic, weights.stem),
     }
+    run_file = partial(InferenceBackend, device=device, fp16=half)
     results = {}
     for fmt in formats:
-        if fmt == "openvino":
-            run_dir = partial(_openvino_runner, stem=weights.stem)
-            results[fmt] = _export_dir(fmt, targets[fmt], writers[fmt], run_dir, cases)
-        else:
-            run_file = partial(InferenceBackend, device=device, fp16=half)
-            results[fmt] = _export_file(fmt, targets[fmt], writers[fmt], run_file, cases)
+        export = _export_dir if fmt == "openvino" else _export_file
+        results[fmt] = export(fmt, targets[fmt], writers[fmt], run_file, cases)
         path = results[fmt].path
         LOGGER.info(f"{fmt}: export success, saved as {path} ({_size_mb(path):.1f} MB)")
+    if int8:
+        head_prefix = f"/model.{len(model.model) - 1}/"
+        tolerance = DEFAULT_INT8_TOLERANCE if int8_tolerance is None else int8_tolerance
+        results["onnx_int8"] = export_int8(results["onnx"].path, targets["onnx_int8"], data, shape, stride,
+                                           head_prefix, calib or DEFAULT_CALIB_IMAGES, tolerance, cases,
+                                           workers)
     return results
+
+
+def export_int8(float_onnx: Path, target: Path, data, shape: Sequence[int], stride: int, head_prefix: str,
+                calib: int, tolerance: float, cases, workers: int = 0) -> ExportResult:
+    """Quantise `float_onnx` into `target` (see engine.quantize) and accept it only if its val mAP50-95
+    drop is within `tolerance`; the file appears only once accepted."""
+    from engine import quantize
+
+    files = quantize.calibration_files(data, calib)
+    LOGGER.info(f"INT8: calibrating on {len(files)} images of the train split of {data}, letterboxed to "
+                f"{shape[2]}x{shape[3]}")
+    batches = quantize.calibration_batches(files, shape, stride)
+    extra = {"precision": "int8", "int8": {**quantize.INT8_SETTINGS, "calibration_images": len(files),
+                                           "data": Path(str(data)).name}}
+    try:
+        with atomic_path(target, keep_suffix=True) as tmp:
+            kept = quantize.quantize_onnx_int8(float_onnx, tmp, batches, head_prefix, extra)
+            backend = InferenceBackend(tmp)
+            checks = []
+            for sample, reference in cases:  # not a pass/fail check: INT8 is judged by its mAP
+                max_abs, relative = compare_outputs(reference, backend(sample))
+                checks.append(Verification(tuple(sample.shape), max_abs, relative))
+                LOGGER.info(f"onnx_int8: output on input {tuple(sample.shape)} differs from PyTorch's by max "
+                            f"abs {max_abs:.3g}, relative {relative:.3g} (judged by mAP below)")
+            imgsz, batch = max(shape[2], shape[3]), shape[0]
+            map_float = quantize.val_map(float_onnx, data, imgsz, batch, workers)
+            map_int8 = quantize.val_map(tmp, data, imgsz, batch, workers)
+            drop = quantize.check_int8_accuracy(map_float, map_int8, tolerance)
+    except ValueError as err:
+        raise ExportError(f"onnx_int8 export of {target.name} failed: {err}") from err
+    LOGGER.info(f"onnx_int8: export success, saved as {target} ({_size_mb(target):.1f} MB; "
+                f"{len(kept)} nodes kept float32)")
+    return ExportResult(target, checks, {"map_float": map_float, "map_int8": map_int8, "drop": drop})
 
 
 def export_model(weights: str | Path, include: Sequence[str] = ("torchscript", "onnx"),
                  imgsz: int | Sequence[int] = (640, 640), batch_size: int = 1, dynamic: bool = False,
                  opset: int | None = None, simplify: bool = False, half: bool = False,
-                 device: str | torch.device = "cpu") -> dict[str, Path]:
-    """Export and verify (see export_and_verify); returns {format: path of the exported file}."""
-    results = export_and_verify(weights, include, imgsz, batch_size, dynamic, opset, simplify, half, device)
+                 device: str | torch.device = "cpu", **int8_options) -> dict[str, Path]:
+    """Export and verify (see export_and_verify, whose int8 options pass through); returns
+    {format: path of the exported file}."""
+    results = export_and_verify(weights, include, imgsz, batch_size, dynamic, opset, simplify, half, device,
+                                **int8_options)
     return {fmt: result.path for fmt, result in results.items()}
 
 

@@ -38,6 +38,7 @@ import torch
 from data.sources import LoadImages, LoadStreams, expand_source, fetch_image_url, is_image_url
 from engine.backend import InferenceBackend
 from engine.detector import Detector
+from engine.pipeline import BackgroundCalls, prefetch
 from engine.results import annotate, crop_folders, describe, save_crops
 from utils.boxes import xyxy2xywh
 from utils.general import increment_path
@@ -225,6 +226,7 @@ class PredictOptions:
     hide_labels: bool = False
     hide_conf: bool = False
     half: bool = False
+    bf16: bool = False  # bf16 autocast of a .pt model on a CPU with native bf16 (InferenceBackend's bf16)
     vid_stride: int = 1
 
     def save_options(self, save_dir: Path, view_img: bool) -> SaveOptions:
@@ -269,7 +271,7 @@ def _predict(opt: PredictOptions, source: str, shown_as: str) -> Path:
     stream = is_stream(source)
     if not stream:
         expand_source(source)  # fail fast on a missing source, before loading any weights
-    backend = InferenceBackend(opt.weights, device=opt.device, fp16=opt.half)
+    backend = InferenceBackend(opt.weights, device=opt.device, fp16=opt.half, bf16=opt.bf16)
     detector = opt.detector(backend)
     detector.checked_classes()  # fail fast on --classes the model does not have
     size = _input_size(detector)
@@ -284,9 +286,14 @@ def _predict(opt: PredictOptions, source: str, shown_as: str) -> Path:
     save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
     writer = ResultWriter(opt.save_options(save_dir, view_img), backend.names)
     backend.warmup((len(dataset) if stream else 1, 3, *size))
+    # frames are decoded and letterboxed a few ahead on one thread, written on another (not when shown:
+    # cv2.imshow belongs to the main thread)
+    write = writer.write if view_img else BackgroundCalls(writer.write)
     try:
-        times, seen, shape = _detect_loop(detector, dataset, writer, stream)
+        times, seen, shape = _detect_loop(detector, prefetch(_frames(dataset, stream)), write)
     finally:
+        if write is not writer.write:
+            write.close()
         writer.close()
     if not seen and not stream:
         _nothing_read(dataset, shown_as, save_dir)
@@ -303,29 +310,38 @@ def _nothing_read(dataset: LoadImages, source: str, save_dir: Path) -> None:
     raise ValueError(f"{source}: no image or video frame could be read ({listed})")
 
 
-def _detect_loop(detector: Detector, dataset, writer: ResultWriter, stream: bool):
-    """Pre-process, infer, suppress and write every image/frame; returns (stage times, images, shape).
-    Boxes are scaled to the original image but not rounded (drawing rounds), as the Python API's."""
-    times, seen, shape, device = [0.0, 0.0, 0.0], 0, None, detector.device
+def _frames(dataset, stream: bool):
+    """(letterboxed CHW RGB image(s), one frame context per image) for every dataset item. The context
+    (path, copy of the original image, frame number, is-video, fps, log prefix) is read here, next to
+    the item, because the loader's counters run ahead when items are prefetched."""
     for path, im, im0s, vid_cap, status in dataset:
+        count = len(im0s) if stream else 1
+        yield im, [_frame_context(dataset, stream, i, path, im0s, vid_cap, status) for i in range(count)]
+
+
+def _detect_loop(detector: Detector, frames, write):
+    """Infer, suppress and hand every image/frame to `write`; returns (stage times, images, shape).
+    Boxes are scaled to the original image but not rounded (drawing rounds), as the Python API's.
+    Pre-process time is what is left on this thread (tensor conversion): decoding and letterboxing
+    overlap inference on the prefetch thread."""
+    times, seen, shape, device = [0.0, 0.0, 0.0], 0, None, detector.device
+    for im, contexts in frames:
         t0 = time_sync(device)
         x = torch.from_numpy(im).to(device).float() / 255  # uint8 0-255 -> float 0-1
         x = x[None] if x.dim() == 3 else x
         t1 = time_sync(device)
         pred = detector.forward(x)
         t2 = time_sync(device)
-        dets = detector.postprocess(pred, x.shape[2:], im0s if stream else [im0s])
+        dets = detector.postprocess(pred, x.shape[2:], [context[1] for context in contexts])
         t3 = time_sync(device)
         for stage, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
             times[stage] += dt
         shape = tuple(x.shape)
-        for i, det in enumerate(dets):
+        for i, (det, (p, im0, frame, video, fps, prefix)) in enumerate(zip(dets, contexts)):
             seen += 1
-            context = _frame_context(dataset, stream, i, path, im0s, vid_cap, status)
-            p, im0, frame, video, fps, prefix = context
-            writer.write(det, im0, p, frame, video, i, fps)
-            size = f"{x.shape[2]}x{x.shape[3]}"
-            LOGGER.info(f"{prefix}{size} {describe(det, detector.names)}{(t2 - t1) * 1e3:.1f}ms")
+            write(det, im0, p, frame, video, i, fps)
+            found = describe(det, detector.names)
+            LOGGER.info(f"{prefix}{x.shape[2]}x{x.shape[3]} {found}{(t2 - t1) * 1e3:.1f}ms")
     return times, seen, shape
 
 

@@ -36,12 +36,19 @@ from torch.optim.lr_scheduler import LambdaLR
 from engine.callbacks import RESULT_COLUMNS, Callback, EarlyStopping, default_callbacks
 from engine.checkpoint import checkpoint_dict, load_checkpoint, load_detection_model, rng_state, set_rng_state
 from engine.validator import Validator, ValOptions, ValResults
-from engine.weights import freeze_layers, transfer_weights
+from engine.weights import (
+    freeze_layers,
+    load_backbone_weights,
+    model_config_with_drop_path,
+    parameter_lr_scales,
+    set_requires_grad,
+    transfer_weights,
+)
 from models.yolo import DetectionModel
 from utils.general import yaml_save
 from utils.hyp import check_hyp
 from utils.loss import ComputeLoss, scale_loss_gains
-from utils.metrics import fitness
+from utils.metrics import fitness, labels_to_class_weights, labels_to_image_weights
 from utils.optim import (
     ModelEMA,
     clip_gradients,
@@ -94,6 +101,9 @@ class TrainOptions:
     label_smoothing: float = 0.0
     patience: int = 100
     freeze: list[str] = field(default_factory=list)
+    freeze_epochs: int = 0  # > 0: the --freeze layers train again from this epoch on (0 = frozen throughout)
+    backbone_weights: str = ""  # official release or timm file for the backbone node; not kept in checkpoints
+    backbone_weights_partial: bool = False  # accept a backbone file that leaves tensors without a value
     save_period: int = -1
     seed: int = 0
     deterministic: bool = False
@@ -104,6 +114,9 @@ class TrainOptions:
     name: str = "exp"
     exist_ok: bool = False
     save_dir: str = "runs/train/exp"
+    image_weights: bool = False  # --image-weights: sample images by their classes' weakness (YOLOv5)
+    quad: bool = False  # --quad: 4 images of a batch become one at twice the size (YOLOv5's collate_fn4)
+    amp: bool = False  # --amp: bf16 autocast on a CPU with native bf16 (CUDA always uses float16 AMP)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainOptions:
@@ -130,7 +143,11 @@ class Trainer:
         self.weights_dir = self.save_dir / "weights"
         self.local_rank, self.rank, self.world_size = distributed_env()
         self.is_main = self.rank in (-1, 0)
-        self.amp = device.type == "cuda"  # float16 autocast with a GradScaler on CUDA
+        from engine.precision import training_autocast
+
+        # CUDA: float16 autocast + GradScaler; CPU --amp: bf16 autocast, no scaler (needs native bf16)
+        self.amp, self.amp_dtype, self.grad_scaling = training_autocast(device, options.amp)
+        self.val_half = self.amp and self.amp_dtype == torch.float16
         # built by setup()
         self.data: dict[str, Any] = {}
         self.names: list[str] = []
@@ -141,7 +158,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_lambda = None
         self.scheduler: LambdaLR | None = None
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.grad_scaling)
         self.compute_loss: ComputeLoss | None = None
         self.train_loader = self.train_set = self.val_loader = None
         self.grid_size = 32  # max stride: image sizes are multiples of it
@@ -154,7 +171,9 @@ class Trainer:
         self.epoch = 0
         self.step = 0  # global batch index (epoch * batches_per_epoch + batch)
         self.last_opt_step = -1  # step of the last optimizer step (accumulation spans epochs)
+        self.frozen: list[str] = []  # parameter names --freeze froze (trained again from --freeze-epochs)
         self.best_fitness = 0.0
+        self.maps = np.zeros(0)  # per-class mAP50-95 of the last validation (--image-weights reads it)
         self.stopper = EarlyStopping(options.patience)
         # the current batch and epoch, for callbacks
         self.batch: tuple | None = None
@@ -182,7 +201,10 @@ class Trainer:
         if o.imgsz % self.grid_size:
             raise ValueError(f"--imgsz {o.imgsz} must be a multiple of the max stride {self.grid_size}")
         weight_decay = scale_weight_decay(o.hyp["weight_decay"], self.batch_size, NOMINAL_BATCH)
-        self.optimizer = smart_optimizer(self.model, o.optimizer, o.hyp["lr0"], o.hyp["momentum"], weight_decay)
+        lr_scales = parameter_lr_scales(self.model, o.hyp.get("backbone_lr_mult", 1.0),
+                                        o.hyp.get("layer_decay", 1.0))
+        self.optimizer = smart_optimizer(self.model, o.optimizer, o.hyp["lr0"], o.hyp["momentum"],
+                                         weight_decay, lr_scales=lr_scales)
         self.lr_lambda = lr_lambda(o.epochs, o.hyp["lrf"], o.cos_lr)
         self.scheduler = LambdaLR(self.optimizer, lr_lambda=self.lr_lambda)
         self.ema = ModelEMA(self.model) if self.is_main else None
@@ -198,20 +220,53 @@ class Trainer:
         self.net = self._wrap_ddp(self.model)
 
     def _build_model(self, resume: dict | None) -> DetectionModel:
+        """The model: from the checkpoint to resume, from --weights (our checkpoint, tensors transferred) or
+        from --cfg; then --backbone-weights, the hyp's `drop_path` and --freeze.
+
+        --backbone-weights (an official release or a timm state_dict for the backbone node) and --weights
+        (our checkpoint, which already holds a backbone) are refused together: the checkpoint's backbone
+        would silently replace the file's or the other way round. A resumed run takes every tensor from
+        its checkpoint (the backbone file's path is not even saved there). The YAML's own `weights:` is
+        loaded when the model is built; --backbone-weights then overwrites it.
+        """
         o = self.options
+        if o.backbone_weights and o.weights and resume is None:
+            raise ValueError(f"--backbone-weights {o.backbone_weights} and --weights {o.weights} both give "
+                             "the backbone its tensors: fine-tune our checkpoint with --weights alone, or "
+                             "start a model from --cfg with --backbone-weights")
+        drop_path = o.hyp.get("drop_path")
         if resume is not None:
             model = DetectionModel(resume["yaml"], nc=self.nc)  # its weights come in load_state_dict()
         elif o.weights:
             ckpt = load_checkpoint(o.weights)
-            model = DetectionModel(o.cfg or ckpt["yaml"], nc=self.nc)
+            cfg = o.cfg or ckpt["yaml"]
+            model = DetectionModel(cfg if drop_path is None else model_config_with_drop_path(cfg, drop_path),
+                                   nc=self.nc)
             exclude = ("anchors",) if o.cfg or o.hyp.get("anchors") else ()
             done, total = transfer_weights(model, ckpt, exclude)
             LOGGER.info(f"Transferred {done}/{total} items from {o.weights}")
         else:
-            model = DetectionModel(o.cfg, nc=self.nc)
+            cfg = o.cfg if drop_path is None else model_config_with_drop_path(o.cfg, drop_path)
+            model = DetectionModel(cfg, nc=self.nc)
+            if o.backbone_weights:
+                load_backbone_weights(model, o.backbone_weights, partial=o.backbone_weights_partial)
         if o.freeze:
-            freeze_layers(model, o.freeze)
+            self.frozen = freeze_layers(model, o.freeze)
         return model
+
+    def _update_frozen(self, epoch: int) -> None:
+        """--freeze-epochs K: the frozen layers train again from epoch K on. Decided from the epoch alone,
+        so a resumed run is in the right state; the parameters never left their optimiser groups, so
+        nothing is rebuilt (under DDP the wrapper is rebuilt, as it only syncs what required grad)."""
+        k = self.options.freeze_epochs
+        frozen = set(self.frozen)
+        if not (frozen and k > 0 and epoch >= k) or all(
+                p.requires_grad for n, p in self.model.named_parameters() if n in frozen):
+            return
+        set_requires_grad(self.model, self.frozen, True)
+        LOGGER.info(f"Epoch {epoch}: unfreezing {len(self.frozen)} parameter tensors (--freeze-epochs {k})")
+        if self.rank != -1:
+            self.net = self._wrap_ddp(self.model)
 
     def _check_anchors(self) -> None:
         from utils.autoanchor import check_anchors
@@ -233,11 +288,13 @@ class Trainer:
 
         o = self.options
         per_rank = self.batch_size // self.world_size
+        self._check_sampling_options(per_rank)
         common = dict(single_cls=o.single_cls, hyp=o.hyp, cache=o.cache or False, names=self.data["names"],
                       names_source=self.data.get("yaml_file"))
         self.train_loader, self.train_set = create_dataloader(
             self.data["train"], o.imgsz, per_rank, self.grid_size, augment=True, rect=o.rect,
-            rank=self.local_rank, workers=o.workers, prefix="train: ", shuffle=True, seed=o.seed, **common)
+            rank=self.local_rank, workers=o.workers, prefix="train: ", shuffle=True, seed=o.seed,
+            image_weights=o.image_weights, quad=o.quad, **common)
         labels = [lb for lb in self.train_set.labels if len(lb)]
         if labels and (max_cls := int(np.concatenate(labels, 0)[:, 0].max())) >= self.nc:
             raise ValueError(f"label class {max_cls} exceeds nc={self.nc} in {o.data}; allowed 0..{self.nc - 1}")
@@ -245,6 +302,29 @@ class Trainer:
             self.val_loader, _ = create_dataloader(
                 self.data["val"], o.imgsz, per_rank * 2, self.grid_size, rect=True, rank=-1, workers=o.workers * 2,
                 pad=0.5, prefix="val: ", **common)
+
+    def _check_sampling_options(self, per_rank: int) -> None:
+        o = self.options
+        if o.quad and per_rank % 4:
+            raise ValueError(f"--quad merges every 4 images of a batch into one: --batch-size {o.batch_size} "
+                             f"gives {per_rank} per process, not a multiple of 4")
+        if o.image_weights and (self.rank != -1 or o.rect):
+            why = "DDP (each process would draw its own images)" if self.rank != -1 else "--rect (fixed batches)"
+            raise ValueError(f"--image-weights draws a weighted random set of images each epoch; it cannot be "
+                             f"combined with {why}")
+
+    def _reweight_images(self) -> None:
+        """--image-weights: this epoch's images drawn with replacement, each weighted by its labels'
+        class weights (rare classes and classes with a low last mAP50-95 count more; YOLOv5's rule). The
+        draw is a function of (seed, epoch, last maps), so a resumed run repeats it."""
+        labels = self.train_set.labels
+        maps = self.maps if len(self.maps) == self.nc else np.zeros(self.nc)
+        class_weights = labels_to_class_weights(labels, self.nc) * (1 - maps) ** 2
+        weights = labels_to_image_weights(labels, self.nc, class_weights)
+        if not weights.sum():  # only background images: nothing to weigh, draw uniformly
+            weights = np.ones(len(labels))
+        rng = np.random.default_rng([self.options.seed, self.epoch])
+        self.train_set.indices = rng.choice(len(labels), size=len(labels), p=weights / weights.sum())
 
     def _wrap_ddp(self, model: DetectionModel) -> torch.nn.Module:
         if self.rank == -1:
@@ -266,7 +346,7 @@ class Trainer:
             "updates": self.ema.updates if self.ema is not None else 0,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng_state(), "last_opt_step": self.last_opt_step,
-            "accumulate": self.accumulate,
+            "accumulate": self.accumulate, "maps": [float(m) for m in self.maps],
         }
         for callback in self.callbacks:
             if callback.state_key:
@@ -290,6 +370,7 @@ class Trainer:
         self.best_fitness = float(ckpt["best_fitness"])
         self.last_opt_step = int(ckpt.get("last_opt_step", -1))
         self.accumulate = int(ckpt.get("accumulate", self.accumulate))
+        self.maps = np.array(ckpt.get("maps") or [], dtype=float)
         if ckpt.get("rng") is not None:
             set_rng_state(ckpt["rng"])
         if self.start_epoch >= self.options.epochs:
@@ -299,8 +380,10 @@ class Trainer:
 
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint of this epoch: model, EMA, `state_dict()`, the options and hyperparameters."""
+        opt = self.options.as_plain_dict()
+        opt.pop("backbone_weights", None)  # like the YAML's `weights:`: the tensors are in the checkpoint
         return checkpoint_dict(de_parallel(self.model), self.ema.ema, **self.state_dict(),
-                               opt=self.options.as_plain_dict(), hyp=dict(self.options.hyp))
+                               opt=opt, hyp=dict(self.options.hyp))
 
     # -- loop --------------------------------------------------------------------------------------------
     def run(self) -> ValResults | None:
@@ -315,6 +398,7 @@ class Trainer:
         self._emit("before_train")
         for epoch in range(self.start_epoch, self.options.epochs):
             self.epoch = epoch
+            self._update_frozen(epoch)
             self._emit("before_epoch")
             self._train_epoch()
             self.lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -354,6 +438,8 @@ class Trainer:
 
     def _train_epoch(self) -> None:
         self.net.train()
+        if self.options.image_weights:
+            self._reweight_images()
         for part in (self.train_loader.sampler, self.train_set):  # seeds of the shuffle and augmentation
             if hasattr(part, "set_epoch"):
                 part.set_epoch(self.epoch)
@@ -376,8 +462,10 @@ class Trainer:
         if self.options.multi_scale:
             imgs = self._random_rescale(imgs)
             self.batch = (imgs, targets, paths)
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             loss, loss_items = self.compute_loss(self.net(imgs), targets.to(self.device))
+            if self.options.quad:
+                loss = loss * 4  # YOLOv5: a quad image stands for four
             if self.rank != -1:
                 loss = loss * self.world_size  # DDP averages gradients across ranks
         if not torch.isfinite(loss):
@@ -418,9 +506,10 @@ class Trainer:
         self.ema.update_attr(self.model, include=("yaml", "nc", "hyp", "names", "stride"))
         self.val_results = None
         if (not self.options.noval or self.is_final_epoch()) and self.val_loader is not None:
-            options = ValOptions(half=self.amp, single_cls=self.options.single_cls, save_dir=self.save_dir,
-                                 plots=False, training=True)
+            options = ValOptions(half=self.val_half, single_cls=self.options.single_cls,
+                                 save_dir=self.save_dir, plots=False, training=True)
             self.val_results = Validator(self.val_loader, self.names, options, self.compute_loss)(self.ema.ema)
+            self.maps = np.asarray(self.val_results.maps, dtype=float)
         row = self.val_results.as_row() if self.val_results is not None else [0.0] * 7
         self.fitness = float(fitness(np.array(row[:4]).reshape(1, -1))[0])
         self.best_fitness = max(self.best_fitness, self.fitness)
@@ -439,7 +528,7 @@ class Trainer:
             return
         LOGGER.info(f"\nValidating {best}...")
         model = load_detection_model(best, self.device, fuse=True)
-        options = ValOptions(half=self.amp, single_cls=self.options.single_cls, save_dir=self.save_dir,
+        options = ValOptions(half=self.val_half, single_cls=self.options.single_cls, save_dir=self.save_dir,
                              plots=not self.options.noplots, verbose=True)
         self.final_results = Validator(self.val_loader, self.names, options)(model)
 

@@ -106,12 +106,15 @@ class ValOptions:
     """How to validate: NMS thresholds, precision and what to write into `save_dir`.
 
     training=True is the per-epoch validation inside train.py (quieter log, no speed line).
+    bf16=True runs the forward of a DetectionModel under bf16 autocast (predictions cast back to float32);
+    an InferenceBackend is given its precision when it is built (InferenceBackend(..., bf16=True)).
     """
 
     conf_thres: float = 0.001
     iou_thres: float = 0.6
     max_det: int = 300
     half: bool = False
+    bf16: bool = False
     augment: bool = False
     single_cls: bool = False
     save_dir: Path | None = None
@@ -161,7 +164,10 @@ class Validator:
         im = (im.half() if o.half else im.float()) / 255
         targets = targets.to(device)
         t1 = time_sync(device)
-        preds, train_out = _forward(model, im, o.augment)
+        bf16 = o.bf16 and isinstance(model, torch.nn.Module)  # a backend applies its own bf16
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            preds, train_out = _forward(model, im, o.augment)
+        preds = preds.float() if bf16 else preds
         t2 = time_sync(device)
         if self.compute_loss is not None and train_out is not None:
             run.loss += self.compute_loss([x.float() for x in train_out], targets)[1]
@@ -183,11 +189,12 @@ class Validator:
                 pred[:, 5] = 0
             labels = targets[targets[:, 0] == si, 1:]
             run.acc.seen += 1
-            stats, predn = _image_stats(pred, labels, im[si].shape[1:], shapes[si][0], shapes[si][1], run.iouv,
-                                        run.confusion)
+            stats, predn = _image_stats(pred, labels, im[si].shape[1:], shapes[si][0], shapes[si][1],
+                                        run.iouv, run.confusion)
             run.acc.stats.append(stats)
             if o.save_txt and o.save_dir is not None:
-                _save_txt(predn, shapes[si][0], o.save_dir / "labels" / f"{Path(paths[si]).stem}.txt", o.save_conf)
+                label_file = o.save_dir / "labels" / f"{Path(paths[si]).stem}.txt"
+                _save_txt(predn, shapes[si][0], label_file, o.save_conf)
             if o.save_json and self.coco_ids is not None:
                 _append_json(run.acc.json_rows, predn, self.coco_ids(paths[si]),
                              getattr(self.coco_ids, "class_map", None))
@@ -197,7 +204,8 @@ class Validator:
 
         save_dir = self.options.save_dir
         plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", self.names)
-        plot_images(im, _output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", self.names)
+        plot_images(im, _output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg",
+                    self.names)
 
     def _results(self, run: _Run) -> ValResults:
         o = self.options
@@ -208,8 +216,9 @@ class Validator:
             run.confusion.plot(save_dir=o.save_dir, names=self.names)
         if not o.training:
             shape = (getattr(self.dataloader, "batch_size", 1), *run.shape[1:]) if run.acc.seen else ()
-            LOGGER.info("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape %s"
-                        % (*results.speed, shape))
+            pre, infer, nms = results.speed
+            LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {infer:.1f}ms inference, {nms:.1f}ms NMS per image "
+                        f"at shape {shape}")
         if o.save_json and o.save_dir is not None:
             results.json_path = _write_json(run.acc.json_rows, o.save_dir)
         return results

@@ -283,3 +283,20 @@ class ConfusionMatrix:
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
         return plot_confusion_matrix(self.matrix, save_dir / "confusion_matrix.png", class_names, normalize)
+
+
+def labels_to_class_weights(labels: Sequence[np.ndarray], nc: int) -> np.ndarray:
+    """(nc,) weights summing to 1, inversely proportional to each class's box count over `labels`
+    (per image (n, 5) [class, x, y, w, h]); a class with no box counts as one (YOLOv5's rule)."""
+    classes = np.concatenate([lb[:, 0] for lb in labels if len(lb)] or [np.zeros(0)]).astype(int)
+    counts = np.bincount(classes, minlength=nc)[:nc].astype(float)
+    counts[counts == 0] = 1
+    weights = 1 / counts
+    return weights / weights.sum()
+
+
+def labels_to_image_weights(labels: Sequence[np.ndarray], nc: int, class_weights: np.ndarray) -> np.ndarray:
+    """(n_images,) sampling weight of each image: the sum over its boxes of their class weights (an
+    image without boxes weighs 0, as in YOLOv5)."""
+    counts = np.array([np.bincount(lb[:, 0].astype(int), minlength=nc)[:nc] for lb in labels]).reshape(-1, nc)
+    return (counts * np.asarray(class_weights).reshape(1, nc)).sum(1)

@@ -12,6 +12,15 @@ Parameter groups keep YOLOv5's order, because warmup treats group 0 differently:
     group 1: weights that decay              (conv / linear kernels)
     group 2: weights that must not decay     (norm weights, layer scales, attention-bias tables,
                                               position encodings, names from `no_weight_decay()`)
+
+Per-parameter learning-rate multipliers (`lr_scales`, from the hyp keys `backbone_lr_mult` and
+`layer_decay`, see engine/weights.py) split each of the three kinds further by multiplier: the groups
+are ordered by kind, then by falling multiplier, so group 0 is still the full-lr biases. Every group
+carries `kind` ('bias', 'decay', 'no_decay') and `lr_scale`; its lr is lr0 * lr_scale. The scale
+survives the schedule because LambdaLR scales each group's own `initial_lr` (= lr0 * lr_scale), and
+the warmup, which sets every group's lr explicitly, ramps to initial_lr * lf(epoch) and starts bias
+groups at warmup_bias_lr * lr_scale. Both keys are in the optimizer's state_dict, so a resumed run
+has them back.
 """
 
 from __future__ import annotations
@@ -114,30 +123,61 @@ def _group_of(full_name: str, param_name: str, in_norm: bool, declared: set[str]
     return "decay"
 
 
+GROUP_KINDS = ("bias", "decay", "no_decay")
+
+
 def smart_optimizer(
-    model: nn.Module, name: str = "SGD", lr: float = 0.001, momentum: float = 0.9, decay: float = 1e-5
+    model: nn.Module, name: str = "SGD", lr: float = 0.001, momentum: float = 0.9, decay: float = 1e-5,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """YOLOv5's optimiser with three parameter groups (see the module docstring for their order).
 
-    SGD uses Nesterov momentum; Adam and AdamW use betas=(momentum, 0.999). Only group 1 gets
+    SGD uses Nesterov momentum; Adam and AdamW use betas=(momentum, 0.999). Only the 'decay' groups get
     `decay` (AdamW's built-in decay is set to 0 on the others, as YOLOv5 does).
+    lr_scales: {parameter name: lr multiplier}; names not listed get 1. With multipliers other than 1
+    each kind is split by multiplier (empty groups are left out) and every group is logged with its lr.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     groups = split_parameter_groups(model)
+    specs = _scaled_groups(model, groups, lr_scales or {})
+    for spec in specs:
+        spec["lr"], spec["weight_decay"] = lr * spec["lr_scale"], decay if spec["kind"] == "decay" else 0.0
     if name == "SGD":
-        optimizer = torch.optim.SGD(groups["bias"], lr=lr, momentum=momentum, nesterov=True)
+        optimizer = torch.optim.SGD(specs, lr=lr, momentum=momentum, nesterov=True)
     elif name == "Adam":
-        optimizer = torch.optim.Adam(groups["bias"], lr=lr, betas=(momentum, 0.999))
+        optimizer = torch.optim.Adam(specs, lr=lr, betas=(momentum, 0.999))
     else:
-        optimizer = torch.optim.AdamW(groups["bias"], lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
-    optimizer.add_param_group({"params": groups["decay"], "weight_decay": decay})
-    optimizer.add_param_group({"params": groups["no_decay"], "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(specs, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
     LOGGER.info(
         f"optimizer: {name}(lr={lr}) with parameter groups {len(groups['no_decay'])} weight(decay=0.0), "
         f"{len(groups['decay'])} weight(decay={decay}), {len(groups['bias'])} bias"
     )
+    if len(optimizer.param_groups) > len(GROUP_KINDS):
+        for i, group in enumerate(optimizer.param_groups):
+            LOGGER.info(f"  group {i:2d}: {group['kind']:8s} {len(group['params']):4d} tensors  "
+                        f"lr={group['lr']:.3g} (x{group['lr_scale']:.4g})  "
+                        f"weight_decay={group['weight_decay']:g}")
     return optimizer
+
+
+def _scaled_groups(model: nn.Module, groups: dict[str, list[nn.Parameter]],
+                   lr_scales: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Group specs (params, kind, lr_scale) in kind order, then by falling multiplier."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    unknown = set(lr_scales) - set(names.values())
+    if unknown:
+        raise KeyError(f"lr_scales names parameters the model does not have: {sorted(unknown)[:5]}")
+    if all(float(v) == 1.0 for v in lr_scales.values()):  # YOLOv5's three groups, even when empty
+        return [{"params": groups[kind], "kind": kind, "lr_scale": 1.0} for kind in GROUP_KINDS]
+    specs = []
+    for kind in GROUP_KINDS:
+        by_scale: dict[float, list[nn.Parameter]] = {}
+        for param in groups[kind]:
+            by_scale.setdefault(float(lr_scales.get(names[id(param)], 1.0)), []).append(param)
+        specs += [{"params": by_scale[scale], "kind": kind, "lr_scale": scale}
+                  for scale in sorted(by_scale, reverse=True)]
+    return specs
 
 
 def scale_weight_decay(weight_decay: float, batch_size: int, nbs: int = 64) -> float:
@@ -198,12 +238,14 @@ def warmup_step(
     """Warm up learning rates and momentum at iteration `ni` of `nw`; returns the accumulate count.
 
     Between ni=0 and ni=nw each quantity moves linearly (np.interp, as YOLOv5):
-      group 0 (biases) lr:  warmup_bias_lr -> initial_lr * lf(epoch)
-      other groups lr:      0              -> initial_lr * lf(epoch)
+      bias groups lr:       warmup_bias_lr * lr_scale -> initial_lr * lf(epoch)
+      other groups lr:      0                         -> initial_lr * lf(epoch)
       momentum (SGD):       warmup_momentum -> momentum
       accumulate:           1              -> nbs / batch_size (rounded, at least 1)
     Past the warmup (ni > nw) nothing is changed and the full accumulate count is returned.
-    Groups need `initial_lr`, which LambdaLR sets when it is built.
+    Groups need `initial_lr`, which LambdaLR sets when it is built; `initial_lr` already holds the
+    group's lr multiplier. A group without `kind` (an optimiser built elsewhere) is a bias group when
+    it is group 0, as in YOLOv5.
     """
     full_accumulate = max(round(nbs / batch_size), 1)
     if ni > nw:
@@ -215,7 +257,8 @@ def warmup_step(
     for index, group in enumerate(optimizer.param_groups):
         if "initial_lr" not in group:
             raise KeyError(f"optimizer group {index} has no 'initial_lr': build the LambdaLR scheduler first")
-        start_lr = float(hyp["warmup_bias_lr"]) if index == 0 else 0.0
+        is_bias = group.get("kind", "bias" if index == 0 else "") == "bias"
+        start_lr = float(hyp["warmup_bias_lr"]) * float(group.get("lr_scale", 1.0)) if is_bias else 0.0
         # float(): numpy scalars in the optimizer state would not load with weights_only=True
         group["lr"] = float(np.interp(ni, span, [start_lr, group["initial_lr"] * lf(epoch)]))
         if "momentum" in group:

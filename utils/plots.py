@@ -423,3 +423,29 @@ def plot_evolve(file: str | Path, first_hyp_column: int = 7) -> Path:
     out = file.with_name("evolve.png")
     fig.savefig(out, dpi=120)
     return out
+
+
+STUDY_COLUMNS = ("imgsz", "P", "R", "mAP50", "mAP50-95", "pre-process ms", "inference ms", "NMS ms")
+
+
+def plot_study(files: Sequence[str | Path], out: str | Path) -> Path:
+    """study.png from val.py --task study's text files (one per weights file, one row per image size:
+    the STUDY_COLUMNS): P, R, mAP50, mAP50-95 and inference time against image size, and mAP50-95
+    against inference time, one line per weights file."""
+    panels = (1, 2, 3, 4, 6)
+    fig, axes = _new_figure((14, 6), nrows=2, ncols=3, squeeze=False)
+    ax = axes.ravel()
+    for file in files:
+        rows = np.loadtxt(file, ndmin=2)
+        label = Path(file).stem.removeprefix("study_")
+        for panel, column in zip(ax, panels):
+            panel.plot(rows[:, 0], rows[:, column], ".-", linewidth=2, markersize=8, label=label)
+            panel.set_title(STUDY_COLUMNS[column])
+            panel.set_xlabel("image size (pixels)")
+        ax[5].plot(rows[:, 6], rows[:, 4], ".-", linewidth=2, markersize=8, label=label)
+    ax[5].set_xlabel("inference ms per image")
+    ax[5].set_ylabel("mAP50-95")
+    ax[5].legend(loc="lower right", fontsize=8)
+    out = Path(out)
+    fig.savefig(out, dpi=150)
+    return out

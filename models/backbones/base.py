@@ -67,6 +67,8 @@ class LoadReport:
     unexpected:  file keys with no place in our module (after renaming)
     mismatched:  (key, file shape, our shape) for keys whose element counts differ
     ignored:     file keys dropped on purpose (the classifier head, index buffers rebuilt by us)
+    resized:     file keys whose tensor was resized to our shape (attention-bias tables trained for
+                 another map or window size)
     """
 
     source: str = ""
@@ -76,6 +78,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -86,6 +89,8 @@ class LoadReport:
             f"{self.source}: loaded {len(self.loaded)} tensors",
             f"ignored {len(self.ignored)} (head/buffers)",
         ]
+        if self.resized:
+            parts.append(f"resized {len(self.resized)} tables: {_short(self.resized)}")
         if self.fresh:
             parts.append(f"{len(self.fresh)} not in the release, initialised fresh: {_short(self.fresh)}")
         if self.missing:
@@ -344,6 +349,38 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         """Names (relative to this module) of parameters the optimiser must not decay, beyond biases
         and norm weights: layer scales, attention-bias tables, position encodings (timm convention)."""
         return set()
+
+    def layer_depths(self) -> tuple[dict[str, int], int]:
+        """({parameter name: depth index}, N) for layer-wise learning-rate decay (BEiT, ViTDet).
+
+        The residual blocks (`stages.<s>. ... blocks.<b>.`; the parallel paths of MPViT share their
+        block numbers) are numbered 1..N-1 in (stage, block) order; parameters before the first block
+        (the stem) get 0; other parameters of a stage (patch embedding, downsampling, position
+        encoding, MPViT's local path and aggregation) take the nearest block of their stage in
+        registration order, the following one when there is one; parameters after the last stage
+        (per-output norms, which no release holds) get N, the neck's index (full learning rate).
+        """
+        entries = []  # (name, stage or None, block key or None)
+        for name, _ in self.named_parameters():
+            stage = re.match(r"stages\.(\d+)\.", name)
+            block = re.match(r"stages\.(\d+)\.(?:.*\.)?blocks\.(\d+)\.", name)
+            entries.append((name, int(stage[1]) if stage else None,
+                            (int(block[1]), int(block[2])) if block else None))
+        keys = sorted({key for _, _, key in entries if key is not None})
+        index = {key: i + 1 for i, key in enumerate(keys)}
+        total = len(keys) + 1
+        depths: dict[str, int] = {}
+        for position, (name, stage, key) in enumerate(entries):
+            if key is not None:
+                depths[name] = index[key]
+            elif stage is None:
+                depths[name] = 0 if not any(k for _, _, k in entries[:position]) else total
+            else:
+                after = [index[k] for _, s, k in entries[position:] if k is not None and s == stage]
+                before = [index[k] for _, s, k in entries[:position] if k is not None and s == stage]
+                later = [index[k] for k in keys if k[0] > stage]  # a stage without blocks of its own
+                depths[name] = (after or before[-1:] or later or [total])[0]
+        return depths, total
 
     # -- pretrained weights -----------------------------------------------------------------------
     def load_pretrained(self, path: str | Path) -> LoadReport:

@@ -48,6 +48,7 @@ from torch import nn
 
 from .base import Backbone, Feature, LoadReport, read_checkpoint
 from .efficientvit_blocks import ConvBN, Stage, resize_bias_table
+from .timm_maps import release_layout
 
 # Stage strides per layout (stage 1, 2, 3).
 LAYOUT_STRIDES: dict[str, tuple[int, int, int]] = {
@@ -138,14 +139,19 @@ class EfficientViT(Backbone):
         return {name for name, _ in self.named_parameters() if name.endswith("attention_biases")}
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
-        """Load an official classification release (e.g. efficientvit_m4.pth) into this module."""
+        """Load an official classification release (e.g. efficientvit_m4.pth) or a timm
+        `efficientvit_m<i>` state_dict (recognised by its key names, see `timm_maps.py`)."""
         if self.is_reparameterized:
             raise RuntimeError(f"EfficientViT: load {path} before reparameterize(); the fused module "
                                "has no BatchNorm entries to receive the release's statistics")
         official = read_checkpoint(path, top_level_keys=("model", "state_dict"))
+        official = release_layout(self.family, self.variant, official, path)
         official, unbuilt = self.split_unbuilt(official, rename=official_key_to_ours)
         state, ignored = convert_official_state(official, window_size=self.window_size)
-        return self.finish_loading(state, path, ignored=ignored, unbuilt=unbuilt)
+        report = self.finish_loading(state, path, ignored=ignored, unbuilt=unbuilt)
+        report.resized = [key for key, value in official.items() if key.endswith("attention_biases")
+                          and value.dim() == 2 and value.shape[1] != self.window_size ** 2]
+        return report
 
 
 def _check_layout(layout: str) -> str:

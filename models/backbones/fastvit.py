@@ -42,6 +42,7 @@ from torch import nn
 from .base import Backbone, Feature, LoadReport, normalise_variant_name, read_checkpoint
 from .fastvit_blocks import AttentionBlock, PatchEmbed, RepCPE, RepMixerBlock, stem
 from .layers import drop_path_rates
+from .timm_maps import release_layout
 
 LOGGER = logging.getLogger("vitdet." + __name__)
 
@@ -149,13 +150,16 @@ class FastViT(Backbone):
                 if name.rsplit(".", 1)[-1].startswith("layer_scale") or ".pos_enc." in name}
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
-        """Load an apple/ml-fastvit release (`fastvit_<v>.pth.tar` or `fastvit_<v>_reparam.pth.tar`).
+        """Load an apple/ml-fastvit release (`fastvit_<v>.pth.tar` or `fastvit_<v>_reparam.pth.tar`), or
+        a timm `fastvit_<v>` state_dict (training-time or folded; recognised by its key names, see
+        `timm_maps.py`).
 
         A `_reparam` file loads into the folded form: this module is reparameterised first if it is not
         yet. A training-time file cannot load into an already folded module (an error says so). The head,
         and stages or output norms this instance does not build, are ignored.
         """
         state = read_checkpoint(path, top_level_keys=("state_dict", "model"), prefix="backbone.")
+        state = release_layout(self.family, self.variant, state, path)
         release_fused = is_reparameterized_release(state)
         if release_fused and not self.is_reparameterized:
             LOGGER.info(f"{path}: a reparameterised release; folding FastViT-{self.variant.upper()} first")

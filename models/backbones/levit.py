@@ -51,6 +51,7 @@ from torch import nn
 from .base import Backbone, Feature, LoadReport, normalise_variant_name, read_checkpoint
 from .layers import drop_path_rates
 from .levit_blocks import ConvStem, LeViTStage
+from .timm_maps import release_layout
 
 TRAINED_SIDES = (14, 7, 4)  # stage map sides at the official 224 input (224 / 16, then ceil halves)
 HEAD_PREFIXES = ("head.", "head_dist.")
@@ -235,8 +236,10 @@ class LeViT(Backbone):
         return {name for name, _ in self.named_parameters() if name.endswith("attention_biases")}
 
     def load_pretrained(self, path: str | Path) -> LoadReport:
-        """Load an official release file (`{'model': state_dict}`, levit.py names)."""
-        return self.load_official_state(read_checkpoint(path, top_level_keys=("model", "state_dict")), path)
+        """Load an official release file (`{'model': state_dict}`, levit.py names) or a timm `levit_<v>`
+        / `levit_conv_<v>` state_dict (recognised by its key names, see `timm_maps.py`)."""
+        state = read_checkpoint(path, top_level_keys=("model", "state_dict"))
+        return self.load_official_state(release_layout(self.family, self.variant, state, path), path)
 
     def load_official_state(self, state: Mapping[str, torch.Tensor], source: str | Path = "") -> LoadReport:
         """Load an official state_dict already in memory; layers this instance does not build (stage 3

@@ -1,0 +1,169 @@
+"""export.py --int8: static INT8 (QDQ) ONNX calibrated on the train split, gated by the val mAP drop,
+run by detect and val like any ONNX file."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from data.builtin import CLASS_NAMES
+from data.sources import LoadImages
+from data.verify import list_image_files
+from engine import quantize
+from engine.backend import InferenceBackend, read_onnx_metadata
+from engine.checkpoint import checkpoint_dict, save_checkpoint
+from engine.exporter import compare_outputs, export_and_verify, export_model
+from export import main as export_main
+from models.yolo import DetectionModel
+from tests.test_bf16 import SHALLOW
+from tests.test_export import calibrate_batchnorm
+
+IMGSZ = 96
+HEAD = "/model.5/"  # node-name prefix of SHALLOW's Detect layer
+
+
+def make_weights(folder: Path) -> Path:
+    """A shallow detector (five convs and Detect; see tests/test_bf16.py) with calibrated BatchNorm: a deep
+    random network amplifies every rounding so much that no quantised output could be compared."""
+    torch.manual_seed(0)
+    model = DetectionModel({**SHALLOW, "nc": len(CLASS_NAMES)})
+    model.names = list(CLASS_NAMES)
+    calibrate_batchnorm(model, IMGSZ)
+    return save_checkpoint(checkpoint_dict(model), folder / "w.pt")
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory, tiny_data):
+    weights = make_weights(tmp_path_factory.mktemp("int8"))
+    results = export_and_verify(weights, include=("onnx",), imgsz=IMGSZ, int8=True, data=tiny_data, calib=8)
+    return weights, results
+
+
+def test_int8_file_is_quantised_next_to_the_weights_with_its_metadata(int8_export):
+    weights, results = int8_export
+    path = results["onnx_int8"].path
+    assert path == weights.with_name("w_int8.onnx") and path.is_file()
+    assert results["onnx"].path == weights.with_name("w.onnx")  # the float export is kept as well
+    meta = read_onnx_metadata(path)
+    assert meta["stride"] == 32 and meta["names"] == list(CLASS_NAMES) and meta["precision"] == "int8"
+    assert meta["exporter"] == "vitdet" and meta["weights"] == "w.pt"
+    assert meta["shape"] == [1, 3, IMGSZ, IMGSZ]
+    assert meta["int8"]["calibration_images"] == 8 and meta["int8"]["format"] == "QDQ"
+    assert read_onnx_metadata(results["onnx"].path)["precision"] == "fp32"
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") >= 5 and ops.count("DequantizeLinear") >= 10  # 5 convs: input, weight
+    assert path.stat().st_size < 0.5 * results["onnx"].path.stat().st_size  # int8 weights
+    # the Detect head's output convs keep float32 weights (no DequantizeLinear feeding them)
+    produced_by = {out: n for n in graph.node for out in n.output}
+    head = [n for n in graph.node if n.op_type == "Conv" and n.name.startswith(HEAD)]
+    assert len(head) == 3
+    for conv in head:
+        weight = conv.input[1]
+        assert weight not in produced_by or produced_by[weight].op_type != "DequantizeLinear"
+    metrics = results["onnx_int8"].metrics
+    assert set(metrics) == {"map_float", "map_int8", "drop"}
+    assert metrics["drop"] == pytest.approx(metrics["map_float"] - metrics["map_int8"])
+    assert not [p for p in weights.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_backend_runs_the_int8_file_close_to_float(int8_export, tiny_data):
+    from data.config import check_dataset
+
+    weights, results = int8_export
+    backend = InferenceBackend(results["onnx_int8"].path)
+    assert (backend.kind, backend.precision, backend.stride, backend.names) == ("onnx", "int8", 32,
+                                                                                 list(CLASS_NAMES))
+    val, _ = list_image_files(check_dataset(tiny_data)["val"])  # images like the calibration ones
+    x, other_x = (torch.from_numpy(quantize.letterboxed(f, IMGSZ, IMGSZ, 32))[None] for f in val[:2])
+    pytorch = InferenceBackend(weights)
+    reference = pytorch(x)
+    _, relative = compare_outputs(reference, backend(x))
+    assert 1e-3 < relative < 0.05  # really quantised, and still the same network
+    assert compare_outputs(reference, pytorch(other_x))[1] > 5 * relative  # another image moves it further
+
+
+def test_detect_and_val_run_the_int8_file(int8_export, tiny_data, tmp_path):
+    from engine.predictor import run
+    from val import main as val_main
+
+    _, results = int8_export
+    path = results["onnx_int8"].path
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "x.jpg"), np.full((120, 160, 3), 90, np.uint8))
+    save_dir = run(path, folder, imgsz=IMGSZ, device="cpu", conf_thres=0.001, max_det=3, save_txt=True,
+                   project=tmp_path, name="detect")
+    assert cv2.imread(str(save_dir / "x.jpg")).shape == (120, 160, 3)
+    assert len((save_dir / "labels" / "x.txt").read_text().splitlines()) == 3
+    status = val_main(["--weights", str(path), "--data", str(tiny_data), "--imgsz", str(IMGSZ),
+                       "--workers", "0", "--project", str(tmp_path), "--name", "val"])
+    assert status == 0 and (tmp_path / "val" / "metrics.yaml").is_file()
+
+
+def test_too_strict_tolerance_fails_naming_the_drop(tmp_path, tiny_data, caplog):
+    weights = make_weights(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="vitdet"):
+        status = export_main(["--weights", str(weights), "--include", "onnx", "--int8", "--data",
+                              str(tiny_data), "--imgsz", str(IMGSZ), "--calib", "4",
+                              "--int8-tolerance", "-1"])
+    assert status == 1
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert re.search(r"INT8 mAP50-95 \d\.\d{4} vs float \d\.\d{4}: drop -?\d\.\d{4} > --int8-tolerance -1",
+                     message), message
+    assert not weights.with_name("w_int8.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.onnx", "w.pt"]  # no INT8 file, no temp file
+
+
+def test_accuracy_gate_compares_the_drop_with_the_tolerance():
+    assert quantize.check_int8_accuracy(0.5, 0.495, 0.01) == pytest.approx(0.005)
+    assert quantize.check_int8_accuracy(0.5, 0.52, 0.0) == pytest.approx(-0.02)  # INT8 better: fine
+    with pytest.raises(ValueError, match=r"drop 0\.0500 > --int8-tolerance 0\.01"):
+        quantize.check_int8_accuracy(0.5, 0.45, 0.01)
+
+
+def test_int8_requests_are_checked(tmp_path, tiny_data):
+    weights = make_weights(tmp_path)
+    with pytest.raises(ValueError, match="add onnx to --include"):
+        export_model(weights, include=("torchscript",), int8=True, data=tiny_data)
+    with pytest.raises(ValueError, match="--int8 needs --data"):
+        export_model(weights, include=("onnx",), int8=True)
+    with pytest.raises(ValueError, match="--calib 0"):
+        quantize.calibration_files(tiny_data, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]  # refused before any work
+
+
+def test_calibration_images_are_letterboxed_as_detect_feeds_them(tiny_data):
+    from data.config import check_dataset
+
+    train, _ = list_image_files(check_dataset(tiny_data)["train"])
+    files = quantize.calibration_files(tiny_data, 5)
+    assert len(files) == 5 and files[0] == train[0] and files[-1] == train[-1] and len(set(files)) == 5
+    assert quantize.calibration_files(tiny_data, 1000) == train
+    _, im, _, _, _ = next(iter(LoadImages(files[1], img_size=(IMGSZ, 128), stride=32, auto=False)))
+    ours = quantize.letterboxed(files[1], IMGSZ, 128, 32)
+    assert ours.shape == (3, IMGSZ, 128) and ours.dtype == np.float32
+    assert np.array_equal(ours, im.astype(np.float32) / 255)
+    batches = quantize.calibration_batches(files, (2, 3, IMGSZ, 128), 32)
+    assert [b.shape for b in batches] == [(2, 3, IMGSZ, 128)] * 3  # 5 images, the last batch filled up
+
+
+def test_attention_matmuls_and_head_convs_stay_float():
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.0] * 16)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="/model.3/linear/MatMul"),
+             helper.make_node("MatMul", ["a", "x"], ["b"], name="/model.3/attn/MatMul"),
+             helper.make_node("Conv", ["b", "w"], ["c"], name="/model.24/m.0/Conv"),
+             helper.make_node("Conv", ["c", "w"], ["d"], name="/model.2/cv1/conv/Conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("d", TensorProto.FLOAT, [4, 4])], [weight])
+    kept = quantize.float_nodes(helper.make_model(graph), "/model.24/")
+    assert kept == ["/model.3/attn/MatMul", "/model.24/m.0/Conv"]

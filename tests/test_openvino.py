@@ -1,0 +1,100 @@
+"""OpenVINO as a runtime: export.py --include openvino writes <stem>_openvino_model/, which
+InferenceBackend (and so detect.py and val.py) runs on OpenVINO's CPU device."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from data.builtin import CLASS_NAMES
+from engine.backend import InferenceBackend
+from engine.checkpoint import checkpoint_dict, save_checkpoint
+from engine.exporter import RELATIVE_TOLERANCE, compare_outputs, export_and_verify
+from models.yolo import DetectionModel
+from tests.test_export import calibrate_batchnorm
+
+pytest.importorskip("openvino")
+IMGSZ = 96
+
+
+def make_weights(folder):
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=len(CLASS_NAMES))
+    model.names = list(CLASS_NAMES)
+    calibrate_batchnorm(model, IMGSZ)
+    return save_checkpoint(checkpoint_dict(model), folder / "w.pt")
+
+
+@pytest.fixture(scope="module")
+def dynamic_ir(tmp_path_factory):
+    weights = make_weights(tmp_path_factory.mktemp("ov_dynamic"))
+    return weights, export_and_verify(weights, include=("openvino",), imgsz=IMGSZ, dynamic=True)["openvino"]
+
+
+def test_export_writes_the_ir_and_its_metadata(dynamic_ir):
+    weights, result = dynamic_ir
+    assert result.path == weights.with_name("w_openvino_model")
+    assert {p.name for p in result.path.iterdir()} == {"w.xml", "w.bin", "metadata.yaml"}
+    meta = yaml.safe_load((result.path / "metadata.yaml").read_text())
+    assert meta["stride"] == 32 and meta["names"] == list(CLASS_NAMES) and meta["dynamic"] is True
+    assert meta["imgsz"] == [IMGSZ, IMGSZ] and meta["batch"] == 1 and meta["precision"] == "fp32"
+    assert [c.input_shape for c in result.checks] == [(1, 3, IMGSZ, IMGSZ), (2, 3, IMGSZ + 32, IMGSZ + 64)]
+    assert all(c.relative_diff <= RELATIVE_TOLERANCE for c in result.checks)
+
+
+def test_backend_runs_the_folder_and_the_xml_like_eager(dynamic_ir):
+    weights, result = dynamic_ir
+    pytorch = InferenceBackend(weights)
+    for path in (result.path, result.path / "w.xml"):
+        backend = InferenceBackend(path)
+        assert (backend.kind, backend.stride, backend.names, backend.precision) == ("openvino", 32,
+                                                                                    list(CLASS_NAMES), "fp32")
+        assert backend.dynamic and backend.fixed_shape is None
+        for shape in ((1, 3, IMGSZ, IMGSZ), (3, 3, 128, 64)):  # any batch and size: exported dynamic
+            x = torch.rand(shape, generator=torch.Generator().manual_seed(shape[0]))
+            reference = pytorch(x)
+            _, relative = compare_outputs(reference, backend(x))
+            assert relative <= RELATIVE_TOLERANCE
+            other = pytorch(torch.rand(shape, generator=torch.Generator().manual_seed(9)))
+            assert compare_outputs(reference, other)[1] > 100 * RELATIVE_TOLERANCE  # a check that can fail
+
+
+def test_fixed_shape_ir_accepts_only_its_shape(tmp_path):
+    weights = make_weights(tmp_path)
+    result = export_and_verify(weights, include=("openvino",), imgsz=IMGSZ)["openvino"]
+    backend = InferenceBackend(result.path)
+    assert not backend.dynamic and backend.fixed_shape == (1, IMGSZ, IMGSZ)
+    assert backend(torch.rand(2, 3, IMGSZ, IMGSZ)).shape[0] == 2  # batches run in chunks
+    with pytest.raises(ValueError, match="exported for 96x96 input"):
+        backend(torch.rand(1, 3, 128, IMGSZ))
+
+
+def test_val_and_detect_run_the_openvino_folder(dynamic_ir, tiny_data, tmp_path):
+    from engine.predictor import run
+    from val import run as val_run
+
+    weights, result = dynamic_ir
+    ov_results, _ = val_run(weights=result.path, data=str(tiny_data), imgsz=IMGSZ, workers=0, device="cpu",
+                            plots=False, project=tmp_path, name="ov")
+    pt_results, _ = val_run(weights=weights, data=str(tiny_data), imgsz=IMGSZ, workers=0, device="cpu",
+                            plots=False, project=tmp_path, name="pt")
+    assert ov_results.map == pytest.approx(pt_results.map, abs=1e-3)
+    assert ov_results.map50 == pytest.approx(pt_results.map50, abs=1e-3)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "x.jpg"), np.full((120, 160, 3), 90, np.uint8))
+    save_dir = run(result.path, folder, imgsz=IMGSZ, device="cpu", conf_thres=0.001, max_det=3, save_txt=True,
+                   project=tmp_path, name="detect")
+    assert len((save_dir / "labels" / "x.txt").read_text().splitlines()) == 3
+
+
+def test_missing_or_empty_openvino_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights not found"):
+        InferenceBackend(tmp_path / "nothing_openvino_model")
+    empty = tmp_path / "empty_openvino_model"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"expected one OpenVINO \.xml model in the folder, found 0"):
+        InferenceBackend(empty)
