@@ -11,15 +11,21 @@ batch 1 after warm-up for the model as built and after fuse() (Conv+BN folding a
 reparameterisation), and, opt-in, the fused model under other runtimes and precisions: eager bf16
 (`--bf16`: torch.autocast bf16, Detect head float32; only where the CPU has native bf16, else
 'n/a (no native bf16)'), ONNX Runtime float32 (`--onnx`), ONNX Runtime INT8 (`--int8`: the static QDQ
-quantisation of export.py --int8, calibrated here on 4 random images -- right for latency, not for
-accuracy) and OpenVINO float32 (`--openvino`, CPU device). Each latency column `<x>_ms` comes with
-`<x>_gflops_s`, the effective throughput GFLOPs / latency (INT8 counts the same nominal FLOPs). Also
-opt-in: detect.py frames/s end to end on a generated 640x480 video of --detect-frames frames (300), the
-time of one training step (forward + backward of a stand-in loss at --train-batch) and peak training
-memory. Under the table: this machine's measured float32 sgemm throughput (torch.mm 2048x2048, 1 and 2
-threads) to compare the GFLOP/s with, and with --map-data/--map-weights the val mAP50-95 of a trained
-checkpoint in each precision (eager fp32, bf16 -- emulated and labelled so where the CPU lacks native
-bf16 --, ORT fp32, ORT INT8 calibrated on the dataset's train split, OpenVINO fp32).
+quantisation of export.py --int8 with its default ops 'full', calibrated here on 4 random images --
+right for latency, not for accuracy), OpenVINO float32 (`--openvino`, CPU device, precision set to
+f32), OpenVINO bf16 (`--openvino --bf16`) and OpenVINO running the INT8 QDQ file (`--openvino --int8`).
+Each latency column `<x>_ms` comes with `<x>_gflops_s`, the effective throughput GFLOPs / latency
+(INT8 counts the same nominal FLOPs). Also opt-in: detect.py frames/s end to end (model start-up
+included) on a generated 640x480 video of --detect-frames frames (300) with the .pt and, with
+--onnx / --int8 / --openvino, with dynamic-shape exports (letterboxed to 640x480 like the .pt) plus an
+INT8 file exported for exactly 480x640 (`detect_int8_fixed_fps`); the time of one training step
+(forward + backward of a stand-in loss at --train-batch) and peak training memory. A measurement that
+fails is logged and its cell says `failed (<error>)`; the other columns are still measured, and the CSV
+is rewritten after every model. Under the table: this machine's measured float32 sgemm throughput
+(torch.mm 2048x2048, 1 and 2 threads) to compare the GFLOP/s with, and with --map-data/--map-weights
+the val mAP50-95 of a trained checkpoint in each precision (eager fp32, bf16 -- emulated and labelled so
+where the CPU lacks native bf16 --, ORT fp32, ORT INT8 calibrated on the dataset's train split,
+OpenVINO fp32, and OpenVINO bf16 where native).
 
 Figures from one machine at one moment vary; the ratios to yolov5s (measured in the same run) are what
 to compare. Writes a markdown table (stdout and --out .md) and a CSV (--out .csv).
@@ -37,6 +43,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +105,11 @@ def onnx_latency(model: DetectionModel, imgsz: int, runs: int, warmup: int, thre
         return ort_latency(export_onnx(model, imgsz, Path(tmp)), imgsz, runs, warmup, threads)
 
 
-def int8_latency(model: DetectionModel, imgsz: int, runs: int, warmup: int, threads: int = 0) -> float:
-    """ONNX Runtime latency of the INT8 (QDQ, U8S8) quantisation of the fused export, calibrated on 4
-    random images (the settings of export.py --int8; calibration data does not change the speed)."""
+def int8_latencies(model: DetectionModel, imgsz: int, runs: int, warmup: int, threads: int = 0,
+                   openvino: bool = False) -> dict[str, float]:
+    """ONNX Runtime latency of the INT8 (QDQ) quantisation of the fused export (export.py --int8's
+    settings), calibrated on 4 random images (calibration data does not change the speed), and with
+    `openvino` also OpenVINO's latency on the same QDQ file."""
     from engine.quantize import quantize_onnx_int8
 
     rng = np.random.default_rng(0)
@@ -109,16 +118,26 @@ def int8_latency(model: DetectionModel, imgsz: int, runs: int, warmup: int, thre
         float_file = export_onnx(model, imgsz, Path(tmp))
         int8_file = Path(tmp) / "model_int8.onnx"
         quantize_onnx_int8(float_file, int8_file, batches, head_prefix=f"/model.{len(model.model) - 1}/")
-        return ort_latency(int8_file, imgsz, runs, warmup, threads)
+        times = {"onnx_int8_ms": ort_latency(int8_file, imgsz, runs, warmup, threads)}
+        if openvino:
+            times["openvino_int8_ms"] = openvino_latency(model, imgsz, runs, warmup, threads,
+                                                         onnx_file=int8_file)
+        return times
 
 
-def openvino_latency(model: DetectionModel, imgsz: int, runs: int, warmup: int, threads: int = 0) -> float:
-    """OpenVINO (CPU device, float32) latency of the fused model converted from its ONNX export."""
+def openvino_latency(model: DetectionModel, imgsz: int, runs: int, warmup: int, threads: int = 0,
+                     precision: str = "f32", onnx_file: Path | None = None) -> float:
+    """OpenVINO (CPU device) latency of the fused model converted from its ONNX export (or of
+    `onnx_file`, e.g. the INT8 QDQ file, which OpenVINO runs with its integer kernels), in OpenVINO's
+    inference precision `precision` ('f32' or 'bf16'; set explicitly: OpenVINO's default is bf16 on
+    CPUs with native bf16)."""
     import openvino as ov
 
     with tempfile.TemporaryDirectory() as tmp:
-        ov_model = ov.convert_model(str(export_onnx(model, imgsz, Path(tmp))))
-    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        ov_model = ov.convert_model(str(onnx_file or export_onnx(model, imgsz, Path(tmp))))
+    config = {"INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
     compiled = ov.Core().compile_model(ov_model, "CPU", config)
     request = compiled.create_infer_request()
     x = torch.rand(1, 3, imgsz, imgsz).numpy()
@@ -162,30 +181,106 @@ def train_step_ms(cfg: str, imgsz: int, batch: int, runs: int) -> float:
     return median_latency_ms(step, runs, warmup=1)
 
 
-def detect_fps(model: DetectionModel, frames: int = 300) -> float:
-    """detect.py end to end (read, letterbox, fused inference, NMS, draw, write) on a generated 640x480
-    mp4; frames per second."""
+def _clip(path: Path, frames: int) -> Path:
+    """A generated 640x480 mp4 of `frames` random frames (30 fps)."""
     import cv2
-    import numpy as np
 
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 480))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def failed(what: str, err: Exception) -> str:
+    """The cell text of a measurement that failed (logged): the run goes on with the other columns."""
+    LOGGER.warning(f"{what} failed: {type(err).__name__}: {err}")
+    return f"failed ({type(err).__name__})"
+
+
+def detect_files(weights: Path, head_prefix: str, runtimes: Sequence[str]) -> dict[str, Path | str]:
+    """{runtime: model file} for detect.py: the .pt itself and, per requested runtime, its dynamic-shape
+    export (so detect.py letterboxes 640x480 frames to 640x480, as it does for the .pt); with 'int8' also
+    'int8_fixed', an INT8 file exported for exactly 480x640 (fixed shapes let onnxruntime plan ahead:
+    what to deploy for a camera of known size). INT8 models are quantised from the float export on 4
+    random images (speed does not depend on calibration). An export that fails is a failed(...) text."""
+    from engine.exporter import export_and_verify
+
+    files: dict[str, Path | str] = {"pt": weights}
+    for fmt in ("onnx", "openvino"):
+        if fmt in runtimes or (fmt == "onnx" and "int8" in runtimes):
+            try:
+                files[fmt] = export_and_verify(weights, include=(fmt,), imgsz=640, dynamic=True)[fmt].path
+            except Exception as err:  # noqa: BLE001 -- one failed export must not end the whole benchmark
+                files[fmt] = failed(f"dynamic {fmt} export for detect.py", err)
+    if "int8" in runtimes:
+        fixed = Path(shutil.copy(weights, weights.with_name(f"{weights.stem}_fixed.pt")))
+        for key, source in (("int8", lambda: files["onnx"]), ("int8_fixed", lambda: export_and_verify(
+                fixed, include=("onnx",), imgsz=(480, 640))["onnx"].path)):
+            try:
+                float_file = source()
+                if isinstance(float_file, str):
+                    raise RuntimeError(f"no float ONNX file to quantise ({float_file})")
+                files[key] = _int8_file(float_file, head_prefix, (480, 640))
+            except Exception as err:  # noqa: BLE001
+                files[key] = failed(f"{key} file for detect.py", err)
+    if "onnx" not in runtimes:
+        files.pop("onnx", None)
+    return files
+
+
+def _int8_file(float_file: Path, head_prefix: str, shape: tuple[int, int]) -> Path:
+    from engine.quantize import quantize_onnx_int8
+
+    rng = np.random.default_rng(0)
+    batches = [rng.random((1, 3, *shape), dtype=np.float32) for _ in range(4)]
+    target = float_file.with_name(f"{float_file.stem}_int8.onnx")
+    quantize_onnx_int8(float_file, target, batches, head_prefix)
+    return target
+
+
+def detect_fps(model: DetectionModel, frames: int = 300,
+               runtimes: Sequence[str] = ()) -> dict[str, float | str]:
+    """detect.py end to end (read, letterbox, inference, NMS, draw, write; model start-up included) on a
+    generated 640x480 mp4, in frames per second: {"detect_fps": .pt, "detect_<runtime>_fps": ...} for
+    each of `runtimes` ('onnx', 'int8' (+ 'int8_fixed'), 'openvino'; see detect_files); a runtime that
+    fails gets a failed(...) text."""
     from engine import predictor
     from engine.checkpoint import checkpoint_dict, save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        video = Path(tmp) / "clip.mp4"
-        writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 480))
-        rng = np.random.default_rng(0)
-        for _ in range(frames):
-            writer.write(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
-        writer.release()
+        video = _clip(Path(tmp) / "clip.mp4", frames)
         weights = save_checkpoint(checkpoint_dict(model), Path(tmp) / "model.pt")
-        t0 = time.perf_counter()
-        predictor.run(weights=weights, source=video, imgsz=640, device="cpu", project=tmp, name="detect")
-        return frames / (time.perf_counter() - t0)
+        fps = {}
+        head_prefix = f"/model.{len(model.model) - 1}/"  # the Detect head's ONNX node prefix, kept float
+        for runtime, path in detect_files(weights, head_prefix, runtimes).items():
+            key = "detect_fps" if runtime == "pt" else f"detect_{runtime}_fps"
+            if isinstance(path, str):
+                fps[key] = path
+                continue
+            imgsz = (480, 640) if runtime == "int8_fixed" else 640  # the fixed file's own shape
+            t0 = time.perf_counter()
+            try:
+                predictor.run(weights=path, source=video, imgsz=imgsz, device="cpu", project=tmp,
+                              name=runtime)
+                fps[key] = frames / (time.perf_counter() - t0)
+            except Exception as err:  # noqa: BLE001
+                fps[key] = failed(f"detect.py with {path.name}", err)
+        return fps
 
 
 NO_NATIVE_BF16 = "n/a (no native bf16)"
-LATENCY_COLUMNS = ("cpu_ms", "cpu_fused_ms", "bf16_ms", "onnx_ms", "onnx_int8_ms", "openvino_ms")
+LATENCY_COLUMNS = ("cpu_ms", "cpu_fused_ms", "bf16_ms", "onnx_ms", "onnx_int8_ms", "openvino_ms",
+                   "openvino_bf16_ms", "openvino_int8_ms")
+
+
+def _guarded(what: str, fn):
+    """fn() or, when it raises, a failed(...) text for its cell."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 -- one failing runtime must not end a long benchmark run
+        return failed(what, err)
 
 
 def measure(cfg: str, args: argparse.Namespace) -> dict:
@@ -199,21 +294,30 @@ def measure(cfg: str, args: argparse.Namespace) -> dict:
         "cpu_ms": torch_latency(model, args.imgsz, args.runs, args.warmup),
     }
     if args.detect_fps:
-        row["detect_fps"] = detect_fps(model, args.detect_frames)
+        asked = (("onnx", args.onnx), ("int8", args.int8), ("openvino", args.openvino))
+        runtimes = [runtime for runtime, on in asked if on]
+        row.update(detect_fps(model, args.detect_frames, runtimes))
     model.fuse()
     row["fused_params"] = count_parameters(model)
     row["cpu_fused_ms"] = torch_latency(model, args.imgsz, args.runs, args.warmup)
     timing = (args.imgsz, args.runs, args.warmup)
+    native_bf16 = False
     if args.bf16:
         from engine.precision import cpu_bf16_support
 
-        row["bf16_ms"] = bf16_latency(model, *timing) if cpu_bf16_support().native else NO_NATIVE_BF16
+        native_bf16 = cpu_bf16_support().native
+        row["bf16_ms"] = _guarded("bf16", lambda: bf16_latency(model, *timing)) if native_bf16 \
+            else NO_NATIVE_BF16
     if args.onnx:
-        row["onnx_ms"] = onnx_latency(model, *timing, args.threads)
-    if args.int8:
-        row["onnx_int8_ms"] = int8_latency(model, *timing, args.threads)
+        row["onnx_ms"] = _guarded("ONNX Runtime", lambda: onnx_latency(model, *timing, args.threads))
     if args.openvino:
-        row["openvino_ms"] = openvino_latency(model, *timing, args.threads)
+        row["openvino_ms"] = _guarded("OpenVINO", lambda: openvino_latency(model, *timing, args.threads))
+        if args.bf16:
+            row["openvino_bf16_ms"] = _guarded("OpenVINO bf16", lambda: openvino_latency(
+                model, *timing, args.threads, "bf16")) if native_bf16 else NO_NATIVE_BF16
+    if args.int8:
+        times = _guarded("INT8", lambda: int8_latencies(model, *timing, args.threads, openvino=args.openvino))
+        row.update(times if isinstance(times, dict) else {"onnx_int8_ms": times})
     if args.train_step:
         row["train_step_ms"] = train_step_ms(cfg, args.imgsz, args.train_batch, max(args.runs // 3, 2))
     if args.memory:
@@ -239,7 +343,7 @@ def machine_line() -> str:
             f"on 2 threads; torch CPU capability {capability}; {torch.get_num_threads()} torch threads")
 
 
-def precision_maps(weights: str, data: str, imgsz: int, workers: int = 0) -> list[tuple[str, float]]:
+def precision_maps(weights: str, data: str, imgsz: int, workers: int = 0) -> list[tuple[str, float | str]]:
     """val mAP50-95 of a trained checkpoint in each precision, all at batch 1 with rectangular inputs
     (dynamic exports), so that only the precision differs. Exports go to a temporary folder."""
     import os
@@ -258,7 +362,7 @@ def precision_maps(weights: str, data: str, imgsz: int, workers: int = 0) -> lis
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / Path(weights).name
         shutil.copy(weights, local)
-        exports = export_and_verify(local, include=("onnx", "openvino"), imgsz=imgsz, dynamic=True, int8=True,
+        exports = export_and_verify(local, include=("onnx",), imgsz=imgsz, dynamic=True, int8=True,
                                     data=data, int8_tolerance=float("inf"), workers=workers)
         int8 = exports["onnx_int8"].metrics
         native = precision.cpu_bf16_support().native
@@ -271,9 +375,22 @@ def precision_maps(weights: str, data: str, imgsz: int, workers: int = 0) -> lis
                 os.environ.pop(precision.EMULATED_BF16_ENV)
             else:
                 os.environ[precision.EMULATED_BF16_ENV] = previous
-        return [("eager fp32", val(local)), ("eager bf16" + ("" if native else " (emulated)"), bf16),
-                ("ONNX Runtime fp32", int8["map_float"]), ("ONNX Runtime INT8", int8["map_int8"]),
-                ("OpenVINO fp32", val(exports["openvino"].path))]
+        maps = [("eager fp32", val(local)), ("eager bf16" + ("" if native else " (emulated)"), bf16),
+                ("ONNX Runtime fp32", int8["map_float"]),
+                (f"ONNX Runtime INT8 (ops '{int8['ops']}')", int8["map_int8"])]
+        try:
+            exported = export_and_verify(local, include=("openvino",), imgsz=imgsz, dynamic=True)
+            folder = exported["openvino"].path
+        except Exception as err:  # noqa: BLE001 -- the other precisions are still worth reporting
+            return [*maps, ("OpenVINO fp32", failed("dynamic OpenVINO export", err))]
+        maps.append(("OpenVINO fp32", val(folder)))
+        if native:  # OpenVINO does not emulate bf16
+            maps.append(("OpenVINO bf16", val(folder, bf16=True)))
+        return maps
+
+
+def _cell(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.4f}"
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -281,8 +398,9 @@ def add_ratios(rows: list[dict]) -> None:
     ref = next((r for r in rows if r["model"] == REFERENCE), None)
     if ref is None:
         return
+    keys = [k for k in ref if k != "model"]  # before the loop adds ref's own `_x` keys
     for row in rows:
-        for key in [k for k in ref if k != "model"]:
+        for key in keys:
             value, base = row.get(key), ref.get(key)
             if isinstance(value, (int, float)) and isinstance(base, (int, float)) and base:
                 row[f"{key}_x"] = value / base
@@ -354,14 +472,18 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.map_data) != bool(args.map_weights):
         LOGGER.error("--map-data and --map-weights go together")
         return 2
-    rows = [measure(cfg, args) for cfg in cfgs]
+    rows = []
+    for cfg in cfgs:
+        rows.append(measure(cfg, args))
+        write_csv(rows, Path(f"{args.out}.csv"))  # after every model: a long run keeps what it measured
     add_ratios(rows)
     table = to_markdown(rows) + "\n\n" + machine_line()
     if args.map_data:
         maps = precision_maps(args.map_weights, args.map_data, args.imgsz)
         table += (f"\n\nmAP50-95 of {args.map_weights} on {args.map_data} (val, {args.imgsz} px, "
                   "batch 1):\n\n"
-                  "| precision | mAP50-95 |\n|---|---|\n" + "\n".join(f"| {n} | {m:.4f} |" for n, m in maps))
+                  "| precision | mAP50-95 |\n|---|---|\n"
+                  + "\n".join(f"| {n} | {_cell(m)} |" for n, m in maps))
     if args.loader:
         from data.throughput import loader_throughput
 

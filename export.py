@@ -14,8 +14,10 @@ any other existing file of that name is never overwritten. Library code: engine/
 --int8 also writes best_int8.onnx: static INT8 (QDQ) quantisation of the ONNX export with onnxruntime,
 calibrated on --calib images of the --data train split (letterboxed as detect.py does). Both the float
 and the INT8 ONNX model are validated on the val split; a mAP50-95 drop above --int8-tolerance fails
-the export (exit status 1, no INT8 file). detect.py / val.py run best_int8.onnx like any ONNX file, and
-best_openvino_model/ like any other weights.
+the export (exit status 1, no INT8 file). --int8-ops picks what is quantised: 'full' (the convs and the
+ops between them: the fastest), 'conv' (convs and linear layers only), or 'auto' (default: 'full', and
+'conv' when 'full' fails the tolerance). detect.py / val.py run best_int8.onnx like any ONNX file, and
+best_openvino_model/ like any other weights (--bf16 runs it in OpenVINO's bf16 precision).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import argparse
 import logging
 import sys
 
-from engine.exporter import DEFAULT_OPSET, FORMATS, ExportError, export_and_verify
+from engine.exporter import DEFAULT_OPSET, FORMATS, INT8_OPS, ExportError, export_and_verify
 from engine.quantize import DEFAULT_CALIB_IMAGES, DEFAULT_INT8_TOLERANCE
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
@@ -49,6 +51,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default="", help="--int8: dataset YAML (train: calibration, val: check)")
     parser.add_argument("--calib", type=int, default=DEFAULT_CALIB_IMAGES,
                         help="--int8: number of calibration images from the train split (all if fewer)")
+    parser.add_argument("--int8-ops", choices=INT8_OPS, default="auto",
+                        help="--int8: 'full' quantises convs and the ops between them (fastest), 'conv' "
+                             "only convs/linear layers; 'auto': 'full', or 'conv' if 'full' fails")
     parser.add_argument("--int8-tolerance", type=float, default=DEFAULT_INT8_TOLERANCE,
                         help="--int8: largest allowed mAP50-95 drop (absolute) versus the float ONNX model")
     return parser.parse_args(argv)
@@ -61,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         results = export_and_verify(
             opt.weights, include=opt.include, imgsz=opt.imgsz, batch_size=opt.batch_size, dynamic=opt.dynamic,
             opset=opt.opset, simplify=opt.simplify, half=opt.half, device=opt.device, int8=opt.int8,
-            data=opt.data or None, calib=opt.calib, int8_tolerance=opt.int8_tolerance)
+            data=opt.data or None, calib=opt.calib, int8_tolerance=opt.int8_tolerance,
+            int8_ops=opt.int8_ops)
     except (ExportError, FileExistsError, FileNotFoundError, ValueError) as err:
         LOGGER.error(f"export failed: {err}")
         return 1
     if "onnx_int8" in results:
         m = results["onnx_int8"].metrics
-        LOGGER.info(f"INT8: val mAP50-95 {m['map_int8']:.4f} (float ONNX {m['map_float']:.4f}, drop "
-                    f"{m['drop']:+.4f}, tolerance {opt.int8_tolerance:g})")
+        LOGGER.info(f"INT8 (ops '{m['ops']}'): val mAP50-95 {m['map_int8']:.4f} (float ONNX "
+                    f"{m['map_float']:.4f}, drop {m['drop']:+.4f}, tolerance {opt.int8_tolerance:g})")
     LOGGER.info("Export complete: " + ", ".join(str(r.path) for r in results.values()))
     return 0
 

@@ -16,7 +16,9 @@ runs on OpenVINO's CPU device, with dynamic shapes when it was exported with --d
 bf16=True runs a .pt checkpoint under `torch.autocast('cpu', dtype=torch.bfloat16)` (the Detect
 head's output convolutions and box decoding stay float32; outputs are float32). It is refused with a
 ValueError on CPUs without native bf16 (see engine.precision) unless allow_emulated_bf16=True (or
-VITDET_EMULATED_BF16=1), which measures bf16 accuracy with PyTorch's float32 emulation.
+VITDET_EMULATED_BF16=1), which measures bf16 accuracy with PyTorch's float32 emulation. For an
+OpenVINO model it selects OpenVINO's bf16 inference precision (native bf16 CPUs only); without it
+OpenVINO always runs in float32 (OpenVINO's own default on bf16 CPUs would be bf16).
 
 Fixed-shape exports (everything exported without `--dynamic`) only accept their exported height and
 width; a batch of another size is run in chunks of the exported batch size (the last chunk padded),
@@ -260,16 +262,33 @@ class _OnnxRunner:
             LOGGER.warning(f"{path} takes float32 input; fp16 ignored (export with --half for an fp16 model)")
         self.input_dtype = torch.float16 if self.fp16 else torch.float32
         self.meta_precision = meta.get("precision")
+        _warn_full_range_int8(meta, path)
 
     def __call__(self, im: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: im.detach().cpu().numpy()})[0]
         return torch.from_numpy(out).to(im.device)
 
 
-class _OpenVINORunner:
-    """An OpenVINO IR written by export.py (`<stem>_openvino_model/`), compiled for OpenVINO's CPU device."""
+def _warn_full_range_int8(meta: dict[str, Any], path: Path) -> None:
+    """An INT8 file quantised with 8-bit weights (on a VNNI CPU) may saturate onnxruntime's 16-bit
+    pair sums on a CPU without VNNI: say so, rather than lose accuracy silently."""
+    from engine.precision import cpu_has_vnni
 
-    def __init__(self, path: Path, device: torch.device):
+    settings = meta.get("int8")
+    if isinstance(settings, dict) and settings.get("reduce_range") is False and not cpu_has_vnni():
+        LOGGER.warning(f"{path}: INT8 weights use the full 8-bit range (quantised on a CPU with VNNI); "
+                       f"this CPU has no VNNI, where onnxruntime's integer kernels can saturate and lose "
+                       f"accuracy. Re-export with --int8 on this machine (it then uses 7-bit weights) and "
+                       f"check the mAP")
+
+
+class _OpenVINORunner:
+    """An OpenVINO IR written by export.py (`<stem>_openvino_model/`), compiled for OpenVINO's CPU device
+    in float32, or with bf16=True in OpenVINO's bf16 inference precision. The precision is always set:
+    OpenVINO's own default on CPUs with native bf16 (AVX-512 BF16, AMX) is bf16, which would make a
+    float32 export silently differ from its model by bf16 rounding."""
+
+    def __init__(self, path: Path, device: torch.device, bf16: bool = False):
         import openvino as ov
 
         if device.type != "cpu":
@@ -278,7 +297,8 @@ class _OpenVINORunner:
         meta = read_openvino_metadata(path)
         core = ov.Core()
         model = core.read_model(str(xml))
-        self.model = core.compile_model(model, "CPU")
+        hint = "bf16" if bf16 else "f32"
+        self.model = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
         self.request = self.model.create_infer_request()
         self.stride = _stride_from_metadata(meta, path)
         out_dim = model.output(0).get_partial_shape()[-1]
@@ -287,7 +307,7 @@ class _OpenVINORunner:
         self.dynamic = model.input(0).get_partial_shape().is_dynamic
         self.fixed_shape = None if self.dynamic else _fixed_shape_from_metadata(meta, path)
         self.fp16, self.input_dtype = False, torch.float32
-        self.meta_precision = meta.get("precision")
+        self.meta_precision = "bf16" if bf16 else meta.get("precision")
 
     def __call__(self, im: torch.Tensor) -> torch.Tensor:
         self.request.infer({0: im.detach().cpu().float().numpy()})
@@ -317,9 +337,11 @@ class InferenceBackend:
 
     Args:
         fp16: float16 inference (CUDA only).
-        bf16: bfloat16 autocast for a `.pt` checkpoint (Detect head kept float32; outputs float32).
+        bf16: bfloat16 autocast for a `.pt` checkpoint (Detect head kept float32; outputs float32), or
+            OpenVINO's bf16 inference precision for an OpenVINO model (native bf16 CPUs only).
             Refused (ValueError) with any other format, together with fp16, and on a CPU without
-            native bf16 (AVX-512 BF16 / AMX) unless `allow_emulated_bf16` (or VITDET_EMULATED_BF16=1).
+            native bf16 (AVX-512 BF16 / AMX) unless `allow_emulated_bf16` (or VITDET_EMULATED_BF16=1,
+            .pt only).
         allow_emulated_bf16: run bf16 where the CPU only emulates it (to measure accuracy, not speed).
 
     Attributes:
@@ -461,10 +483,14 @@ def _check_bf16(paths: list[Path], device: torch.device, fp16: bool, allow_emula
     """Refuse bf16 where it cannot run (see InferenceBackend); True when it runs emulated."""
     from engine import precision
 
-    others = [str(p) for p in paths if weights_kind(p) != "pytorch"]
+    others = [str(p) for p in paths if weights_kind(p) not in ("pytorch", "openvino")]
     if others:
-        raise ValueError(f"bf16 (--bf16) runs our .pt checkpoints under torch.autocast; {', '.join(others)} "
-                         f"is an export (run it in its own precision, or pass the .pt)")
+        raise ValueError(f"bf16 (--bf16) runs our .pt checkpoints under torch.autocast and OpenVINO models "
+                         f"in OpenVINO's bf16 precision; {', '.join(others)} is another export (run it in "
+                         f"its own precision, or pass the .pt)")
+    if weights_kind(paths[0]) == "openvino" and not precision.cpu_bf16_support().native:
+        raise ValueError(f"bf16 (--bf16) for the OpenVINO model {paths[0]}: this CPU has no native bf16 "
+                         f"(AVX-512 BF16 or AMX), and OpenVINO does not emulate it; run it in float32")
     if fp16:
         raise ValueError("--bf16 and --half cannot be combined; pick one")
     if device.type == "cuda":
@@ -485,7 +511,7 @@ def _make_runners(paths: list[Path], device: torch.device, fp16: bool, fuse: boo
         if kind == "pytorch":
             return [_PyTorchRunner(paths[0], device, fp16, fuse, bf16)]
         if kind == "openvino":
-            return [_OpenVINORunner(paths[0], device)]
+            return [_OpenVINORunner(paths[0], device, bf16)]
         runner = _TorchScriptRunner if kind == "torchscript" else _OnnxRunner
         return [runner(paths[0], device, fp16)]
     others = [p for p in paths if weights_kind(p) != "pytorch"]

@@ -43,11 +43,17 @@ if TYPE_CHECKING:
     from engine.trainer import Trainer
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
-RESULT_COLUMNS = (
+METRIC_COLUMNS = (
     "epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
     "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
-    "x/lr0", "x/lr1", "x/lr2",
 )
+RESULT_COLUMNS = (*METRIC_COLUMNS, "x/lr0", "x/lr1", "x/lr2")  # YOLOv5's three optimiser groups
+
+
+def result_columns(n_groups: int) -> tuple[str, ...]:
+    """results.csv's header for an optimiser with `n_groups` parameter groups (one x/lr column each:
+    three as in YOLOv5, more with backbone_lr_mult / layer_decay)."""
+    return (*METRIC_COLUMNS, *(f"x/lr{i}" for i in range(n_groups)))
 
 
 class Callback:
@@ -134,7 +140,7 @@ class ResultsCSV(Callback):
     def after_epoch(self, trainer: Trainer) -> None:
         self.rows.append([f"{v:.6g}" if isinstance(v, float) else str(v) for v in epoch_values(trainer)])
         text = io.StringIO()
-        csv.writer(text).writerows([RESULT_COLUMNS, *self.rows])
+        csv.writer(text).writerows([result_columns(len(trainer.lrs)), *self.rows])
         atomic_write_text(trainer.save_dir / "results.csv", text.getvalue())
 
 
@@ -160,7 +166,7 @@ class TensorBoardLog(Callback):
 
     def after_epoch(self, trainer: Trainer) -> None:
         if self.writer is not None:
-            for key, value in zip(RESULT_COLUMNS[1:], epoch_values(trainer)[1:]):
+            for key, value in zip(result_columns(len(trainer.lrs))[1:], epoch_values(trainer)[1:]):
                 self.writer.add_scalar(key, value, trainer.epoch)
 
     def after_train(self, trainer: Trainer) -> None:

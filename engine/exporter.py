@@ -63,6 +63,9 @@ RELATIVE_TOLERANCE = 1e-3
 SAMPLE_SEED = 0
 
 
+INT8_OPS = ("auto", "full", "conv")  # export_int8's choices (engine.quantize.OP_TYPES, auto: full then conv)
+
+
 class ExportError(RuntimeError):
     """An export that could not be written or that gives different numbers from the PyTorch model."""
 
@@ -355,15 +358,17 @@ def export_and_verify(weights: str | Path, include: Sequence[str] = ("torchscrip
                       opset: int | None = None, simplify: bool = False, half: bool = False,
                       device: str | torch.device = "cpu", int8: bool = False, data: str | Path | None = None,
                       calib: int | None = None, int8_tolerance: float | None = None,
-                      workers: int = 0) -> dict[str, ExportResult]:
+                      workers: int = 0, int8_ops: str = "auto") -> dict[str, ExportResult]:
     """Export `weights` to each format in `include` and verify each; returns {format: ExportResult}.
 
     imgsz: (height, width) or one side, rounded up to a multiple of the stride; batch_size: the
     exported batch (any batch works with `dynamic`). int8 (needs 'onnx' in include and `data`): also
     write `<stem>_int8.onnx`, calibrated on `calib` train images (default 100) and accepted only if its
     val mAP50-95 is at most `int8_tolerance` (default 0.01) below the float ONNX model's; its result is
-    under the key 'onnx_int8'. Raises ExportError (failed or wrong export, or too large an INT8 drop),
-    FileExistsError (would overwrite a file that is not our export), ValueError (bad request).
+    under the key 'onnx_int8'. int8_ops: 'auto' (default: 'full', else 'conv' when 'full' fails the
+    gate), 'full' or 'conv' (see engine.quantize). Raises ExportError (failed or wrong export, or too
+    large an INT8 drop), FileExistsError (would overwrite a file that is not our export), ValueError
+    (bad request).
     """
     from engine.quantize import DEFAULT_CALIB_IMAGES, DEFAULT_INT8_TOLERANCE
 
@@ -371,6 +376,8 @@ def export_and_verify(weights: str | Path, include: Sequence[str] = ("torchscrip
     formats = _check_request(weights, include, device, half, dynamic, int8, data)
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: must be >= 1")
+    if int8 and int8_ops not in INT8_OPS:
+        raise ValueError(f"--int8-ops {int8_ops}: expected one of {', '.join(INT8_OPS)}")
     targets = {fmt: target_path(weights, fmt) for fmt in formats + (["onnx_int8"] if int8 else [])}
     for target in targets.values():
         check_overwrite(target, weights)  # before any work, so a refusal leaves nothing half done
@@ -401,41 +408,59 @@ def export_and_verify(weights: str | Path, include: Sequence[str] = ("torchscrip
         tolerance = DEFAULT_INT8_TOLERANCE if int8_tolerance is None else int8_tolerance
         results["onnx_int8"] = export_int8(results["onnx"].path, targets["onnx_int8"], data, shape, stride,
                                            head_prefix, calib or DEFAULT_CALIB_IMAGES, tolerance, cases,
-                                           workers)
+                                           workers, int8_ops)
     return results
 
 
 def export_int8(float_onnx: Path, target: Path, data, shape: Sequence[int], stride: int, head_prefix: str,
-                calib: int, tolerance: float, cases, workers: int = 0) -> ExportResult:
+                calib: int, tolerance: float, cases, workers: int = 0, ops: str = "auto") -> ExportResult:
     """Quantise `float_onnx` into `target` (see engine.quantize) and accept it only if its val mAP50-95
-    drop is within `tolerance`; the file appears only once accepted."""
+    drop is within `tolerance`; the file appears only once accepted. ops 'auto' tries 'full' (fastest)
+    and falls back to 'conv' when 'full' fails the gate."""
     from engine import quantize
 
+    choices = ["full", "conv"] if ops == "auto" else [ops]
     files = quantize.calibration_files(data, calib)
     LOGGER.info(f"INT8: calibrating on {len(files)} images of the train split of {data}, letterboxed to "
                 f"{shape[2]}x{shape[3]}")
     batches = quantize.calibration_batches(files, shape, stride)
-    extra = {"precision": "int8", "int8": {**quantize.INT8_SETTINGS, "calibration_images": len(files),
-                                           "data": Path(str(data)).name}}
-    try:
-        with atomic_path(target, keep_suffix=True) as tmp:
-            kept = quantize.quantize_onnx_int8(float_onnx, tmp, batches, head_prefix, extra)
-            backend = InferenceBackend(tmp)
-            checks = []
-            for sample, reference in cases:  # not a pass/fail check: INT8 is judged by its mAP
-                max_abs, relative = compare_outputs(reference, backend(sample))
-                checks.append(Verification(tuple(sample.shape), max_abs, relative))
-                LOGGER.info(f"onnx_int8: output on input {tuple(sample.shape)} differs from PyTorch's by max "
-                            f"abs {max_abs:.3g}, relative {relative:.3g} (judged by mAP below)")
-            imgsz, batch = max(shape[2], shape[3]), shape[0]
-            map_float = quantize.val_map(float_onnx, data, imgsz, batch, workers)
-            map_int8 = quantize.val_map(tmp, data, imgsz, batch, workers)
-            drop = quantize.check_int8_accuracy(map_float, map_int8, tolerance)
-    except ValueError as err:
-        raise ExportError(f"onnx_int8 export of {target.name} failed: {err}") from err
-    LOGGER.info(f"onnx_int8: export success, saved as {target} ({_size_mb(target):.1f} MB; "
+    imgsz, batch = max(shape[2], shape[3]), shape[0]
+    map_float = quantize.val_map(float_onnx, data, imgsz, batch, workers)
+    failures = []
+    for choice in choices:
+        try:
+            return _quantise_and_gate(float_onnx, target, batches, head_prefix, choice, cases, map_float,
+                                      (data, imgsz, batch, workers, tolerance), len(files))
+        except ValueError as err:
+            failures.append(f"ops '{choice}': {err}")
+            if choice != choices[-1]:
+                LOGGER.warning(f"INT8 with ops '{choice}' failed the accuracy gate ({err}); trying ops "
+                               f"'{choices[-1]}' (only convolutions and linear layers quantised)")
+    raise ExportError(f"onnx_int8 export of {target.name} failed: {'; '.join(failures)}")
+
+
+def _quantise_and_gate(float_onnx: Path, target: Path, batches, head_prefix: str, ops: str, cases,
+                       map_float: float, val_args, n_calib: int) -> ExportResult:
+    """One quantisation of `float_onnx` with `ops`, written to `target` only if it passes the gate."""
+    from engine import quantize
+
+    data, imgsz, batch, workers, tolerance = val_args
+    extra = {"int8": {"calibration_images": n_calib, "data": Path(str(data)).name}}
+    with atomic_path(target, keep_suffix=True) as tmp:
+        kept = quantize.quantize_onnx_int8(float_onnx, tmp, batches, head_prefix, extra, ops=ops)
+        backend = InferenceBackend(tmp)
+        checks = []
+        for sample, reference in cases:  # not a pass/fail check: INT8 is judged by its mAP
+            max_abs, relative = compare_outputs(reference, backend(sample))
+            checks.append(Verification(tuple(sample.shape), max_abs, relative))
+            LOGGER.info(f"onnx_int8: output on input {tuple(sample.shape)} differs from PyTorch's by max "
+                        f"abs {max_abs:.3g}, relative {relative:.3g} (judged by mAP below)")
+        map_int8 = quantize.val_map(tmp, data, imgsz, batch, workers)
+        drop = quantize.check_int8_accuracy(map_float, map_int8, tolerance)
+    LOGGER.info(f"onnx_int8: export success, saved as {target} ({_size_mb(target):.1f} MB; ops '{ops}', "
                 f"{len(kept)} nodes kept float32)")
-    return ExportResult(target, checks, {"map_float": map_float, "map_int8": map_int8, "drop": drop})
+    metrics = {"map_float": map_float, "map_int8": map_int8, "drop": drop, "ops": ops}
+    return ExportResult(target, checks, metrics)
 
 
 def export_model(weights: str | Path, include: Sequence[str] = ("torchscript", "onnx"),

@@ -54,6 +54,12 @@ def cpu_bf16_support() -> Bf16Support:
     return Bf16Support(native, detected)
 
 
+def cpu_has_vnni() -> bool:
+    """8-bit dot products with 32-bit accumulation (AVX-512 VNNI, AVX-VNNI or AMX-INT8) on this CPU, by
+    /proc/cpuinfo; False where it cannot be read (the safe answer for INT8 weight ranges)."""
+    return bool(_cpuinfo_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def emulation_allowed(allow_emulated: bool = False) -> bool:
     return allow_emulated or os.environ.get(EMULATED_BF16_ENV, "") not in ("", "0")
 

@@ -5,21 +5,27 @@
 
 Settings and why:
 - QDQ format (QuantizeLinear/DequantizeLinear pairs around the quantised ops): a plain ONNX file that
-  any runtime loads; onnxruntime fuses each DQ -> Conv -> Q into its integer kernels at load time.
-- U8S8: activations QUInt8 (asymmetric, MinMax-calibrated), weights QInt8 symmetric per output channel,
-  with `reduce_range` (7-bit weights). On AVX2 without VNNI onnxruntime's fastest integer GEMM/conv
-  kernels are the u8 x s8 ones (vpmaddubsw); their 16-bit pairwise sums can saturate with full 8-bit
-  weights, which reduce_range avoids at a small precision cost (per-channel scales recover most of it).
-  S8 activations would go through a conversion to u8 on x86, U8U8 through a slower widening kernel.
-- Only Conv / MatMul / Gemm are quantised (op_types_to_quantize); element-wise ops, Sigmoid, Softmax,
-  the box decoding and all shape ops stay float32.
-- Kept in float32 as well (nodes_to_exclude): the Detect head's output 1x1 convs (their outputs are the
-  logits of objectness/classes and the box offsets: 8-bit steps there cost mAP directly), and every
-  MatMul that multiplies two activations (attention scores q @ k^T and attention @ v: softmax outputs
-  are skewed towards 0 and a per-tensor 8-bit scale loses the small weights). MatMuls with a constant
-  weight (linear layers) are quantised.
-- onnxruntime's quant_pre_process (symbolic shape inference + graph optimisation) runs first, as
-  onnxruntime recommends; if it fails on a graph the float file is quantised as it is (with a warning).
+  any runtime loads; onnxruntime fuses each DQ -> op -> Q into its integer kernels at load time.
+- U8S8: activations QUInt8 (asymmetric, MinMax-calibrated), weights QInt8 symmetric per output channel.
+  `reduce_range` (7-bit weights) only where the exporting CPU lacks VNNI: without VNNI onnxruntime's
+  u8 x s8 kernels (vpmaddubsw) sum pairs in 16 bits, which full 8-bit weights can saturate; with VNNI
+  (AVX-512 VNNI / AVX-VNNI) the sums are 32-bit and the 8th bit is free accuracy. The choice is in the
+  file's metadata (`int8.reduce_range`); InferenceBackend warns when a full-range file runs on a CPU
+  without VNNI.
+- Which ops (`ops`): 'full' quantises the convolutions and linear layers *and* the ops between them
+  (SiLU's Sigmoid and Mul, residual Adds, Concat, MaxPool, Resize, pooling, ReLU/Clip), so consecutive
+  layers pass int8 tensors and the graph runs in integer kernels end to end -- on yolov5s at 640 px
+  about 3x faster than 'conv', which quantises only Conv / MatMul / Gemm and pays a float SiLU plus a
+  Quantize/Dequantize round trip around every conv. Softmax, normalisations, divisions and the shape
+  ops stay float32 in both. export.py's default 'auto' writes 'full' and falls back to 'conv' when
+  'full' fails the accuracy gate.
+- Kept in float32 as well (nodes_to_exclude): every node of the Detect head (its output 1x1 convs give
+  the objectness/class logits and box offsets, where 8-bit steps cost mAP directly, and the box
+  decoding multiplies by grid positions and anchors), and every MatMul that multiplies two activations
+  (attention scores q @ k^T and attention @ v: softmax outputs are skewed towards 0 and a per-tensor
+  8-bit scale loses the small weights). MatMuls with a constant weight (linear layers) are quantised.
+- onnxruntime's quant_pre_process (shape inference + graph optimisation) runs first, as onnxruntime
+  recommends; if it fails on a graph the float file is quantised as it is (with a warning).
 
 Calibration images come from the dataset's train split, letterboxed exactly as detect.py feeds a
 fixed-shape export (`letterbox(..., auto=False)` to the export's height x width, RGB, /255).
@@ -41,9 +47,18 @@ LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 DEFAULT_CALIB_IMAGES = 100
 DEFAULT_INT8_TOLERANCE = 0.01  # largest allowed mAP50-95 drop (absolute) of the INT8 model
-QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
-INT8_SETTINGS = {"format": "QDQ", "activations": "QUInt8", "weights": "QInt8 per-channel",
-                 "reduce_range": True, "calibration": "MinMax", "op_types": list(QUANTIZED_OP_TYPES)}
+OP_TYPES = {  # ops quantised by each `ops` choice (see the module docstring)
+    "conv": ("Conv", "MatMul", "Gemm"),
+    "full": ("Conv", "MatMul", "Gemm", "Add", "Mul", "Sigmoid", "Concat", "MaxPool", "Resize", "AveragePool",
+             "GlobalAveragePool", "Relu", "Clip"),
+}
+
+
+def int8_settings(ops: str, reduce_range: bool) -> dict[str, Any]:
+    """The quantisation settings, as recorded in the INT8 file's metadata (`int8`)."""
+    return {"format": "QDQ", "activations": "QUInt8", "weights": "QInt8 per-channel",
+            "reduce_range": reduce_range, "calibration": "MinMax", "ops": ops,
+            "op_types": list(OP_TYPES[ops])}
 
 
 def int8_target(weights: Path) -> Path:
@@ -114,13 +129,13 @@ class _BatchReader:
 
 # -- which nodes stay float ---------------------------------------------------------------------------
 def float_nodes(model_onnx, head_prefix: str) -> list[str]:
-    """Names of the nodes to keep in float32: Conv nodes under `head_prefix` (the Detect head, e.g.
+    """Names of the nodes to keep in float32: every node under `head_prefix` (the Detect head, e.g.
     '/model.24/') and MatMuls of two activations (attention)."""
     constants = {init.name for init in model_onnx.graph.initializer}
     constants |= {out for node in model_onnx.graph.node if node.op_type == "Constant" for out in node.output}
     keep = []
     for node in model_onnx.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and node.name.startswith(head_prefix):
+        if node.name.startswith(head_prefix):
             keep.append(node.name)
         elif node.op_type == "MatMul" and not any(i in constants for i in node.input):
             keep.append(node.name)
@@ -140,31 +155,51 @@ def _quiet_root_logger():
 
 # -- quantisation -------------------------------------------------------------------------------------
 def _pre_process(source: Path, target: Path) -> Path:
+    """onnxruntime's quant_pre_process, with symbolic shape inference when it completes (it does not on
+    some dynamic-shape graphs: then ONNX's own shape inference only), else the file as it is."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(source), str(target), skip_symbolic_shape=False)
-        return target
-    except Exception as err:  # an op the symbolic shape inference does not know: quantise as is
-        LOGGER.warning(f"INT8: onnxruntime's quant_pre_process failed ({type(err).__name__}: {err}); "
-                       f"quantising the export without it")
-        return source
+    source, target = source.resolve(), target.resolve()
+    error = None
+    for skip_symbolic in (False, True):
+        # an incomplete symbolic inference saves 'sym_shape_infer_temp.onnx' (+ data) into the working
+        # directory: run it from the target's (temporary) folder so the user's folder stays clean
+        with contextlib.chdir(target.parent):
+            try:
+                quant_pre_process(str(source), str(target), skip_symbolic_shape=skip_symbolic)
+                return target
+            except Exception as err:  # an op or shape the inference does not know
+                error = err
+    LOGGER.warning(f"INT8: onnxruntime's quant_pre_process failed ({type(error).__name__}: {error}); "
+                   f"quantising the export without it")
+    return source
 
 
 def quantize_onnx_int8(float_onnx: str | Path, out: str | Path, batches: Sequence[np.ndarray],
-                       head_prefix: str, metadata: dict[str, Any] | None = None) -> list[str]:
+                       head_prefix: str, metadata: dict[str, Any] | None = None, ops: str = "full",
+                       reduce_range: bool | None = None) -> list[str]:
     """Write the static INT8 (QDQ) quantisation of `float_onnx` to `out`, calibrated on `batches`.
 
-    The float file's metadata_props are carried over (plus `metadata`, e.g. precision: int8), as JSON
-    values like every export's. Returns the names of the nodes kept in float32.
+    ops: 'full' or 'conv' (see the module docstring); reduce_range: 7-bit weights (default: only where
+    this CPU lacks VNNI). The float file's metadata_props are carried over, as JSON values like every
+    export's, with `metadata` added and `precision: int8` and `int8` (the settings, plus any keys of
+    metadata['int8']) set. Returns the names of the nodes kept in float32.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from engine.precision import cpu_has_vnni
+
+    if ops not in OP_TYPES:
+        raise ValueError(f"INT8 ops '{ops}': expected one of {', '.join(OP_TYPES)}")
+    reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range
     float_model = onnx.load(str(float_onnx))
     input_name = float_model.graph.input[0].name
     meta = {p.key: p.value for p in float_model.metadata_props}
-    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    extra = dict(metadata or {})
+    extra["precision"] = "int8"
+    extra["int8"] = {**int8_settings(ops, reduce_range), **extra.get("int8", {})}
+    meta.update({k: json.dumps(v) for k, v in extra.items()})
     with tempfile.TemporaryDirectory(prefix="vitdet-int8-") as tmp:
         source = _pre_process(Path(float_onnx), Path(tmp) / "pre.onnx")
         excluded = float_nodes(onnx.load(str(source)), head_prefix)
@@ -172,14 +207,15 @@ def quantize_onnx_int8(float_onnx: str | Path, out: str | Path, batches: Sequenc
         with _quiet_root_logger():  # onnxruntime.quantization logs one root INFO line per shared bias
             quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            reduce_range=True, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                            reduce_range=reduce_range, op_types_to_quantize=list(OP_TYPES[ops]),
                             nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax)
     model = onnx.load(str(out))
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(out))
-    LOGGER.info(f"INT8: quantised {Path(float_onnx).name} on {sum(len(b) for b in batches)} calibration "
+    LOGGER.info(f"INT8: quantised {Path(float_onnx).name} ({ops}: {', '.join(OP_TYPES[ops])}; "
+                f"{'7' if reduce_range else '8'}-bit weights) on {sum(len(b) for b in batches)} calibration "
                 f"images; {len(excluded)} nodes kept in float32")
     return excluded
 

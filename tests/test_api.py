@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -277,6 +278,8 @@ def test_hub_load_custom_from_another_folder_offline(setup, tmp_path):
     script.write_text(HUB_SCRIPT.format(conf=CONF, imgsz=IMGSZ))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "no_proxy": "*",
            "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # any download fails
+    if "OMP_NUM_THREADS" in os.environ:  # the same thread count as this process: the same float sums
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
     done = subprocess.run([sys.executable, str(script), str(REPO), str(weights), str(folder / wide)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -128,3 +128,25 @@ def test_finetune_recipe_is_valid_and_the_trainer_uses_it(tmp_path, tiny_data):
         assert lr == pytest.approx(hyp["lr0"] * expected.get(name, 1.0), rel=1e-9), name
     rates = [m.rate for m in trainer.model.model[0].modules() if isinstance(m, DropPath)]
     assert max(rates) == pytest.approx(0.1)
+
+
+def test_results_csv_has_one_lr_column_per_optimiser_group(tmp_path, tiny_data):
+    # layer_decay gives more than YOLOv5's three groups: the header must name every lr a row holds
+    import csv
+
+    import yaml
+
+    import train
+
+    hyp = yaml_load(resolve_config("hyp.scratch-low.yaml", "hyps"))
+    hyp_file = tmp_path / "hyp.yaml"
+    hyp_file.write_text(yaml.safe_dump({**hyp, "layer_decay": 0.8}))
+    args = ["--cfg", "yolov5n.yaml", "--data", str(tiny_data), "--hyp", str(hyp_file), "--epochs", "1",
+            "--imgsz", "64", "--batch-size", "8", "--workers", "0", "--noautoanchor", "--noplots",
+            "--project", str(tmp_path), "--name", "run"]
+    assert train.main(args) == 0
+    with open(tmp_path / "run" / "results.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    lr_columns = [c for c in header if c.startswith("x/lr")]
+    assert len(lr_columns) > 3 and lr_columns == [f"x/lr{i}" for i in range(len(lr_columns))]
+    assert len(rows) == 1 and len(rows[0]) == len(header)

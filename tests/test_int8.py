@@ -19,7 +19,7 @@ from data.verify import list_image_files
 from engine import quantize
 from engine.backend import InferenceBackend, read_onnx_metadata
 from engine.checkpoint import checkpoint_dict, save_checkpoint
-from engine.exporter import compare_outputs, export_and_verify, export_model
+from engine.exporter import ExportError, compare_outputs, export_and_verify, export_model
 from export import main as export_main
 from models.yolo import DetectionModel
 from tests.test_bf16 import SHALLOW
@@ -29,14 +29,18 @@ IMGSZ = 96
 HEAD = "/model.5/"  # node-name prefix of SHALLOW's Detect layer
 
 
-def make_weights(folder: Path) -> Path:
+def make_model() -> DetectionModel:
     """A shallow detector (five convs and Detect; see tests/test_bf16.py) with calibrated BatchNorm: a deep
     random network amplifies every rounding so much that no quantised output could be compared."""
     torch.manual_seed(0)
     model = DetectionModel({**SHALLOW, "nc": len(CLASS_NAMES)})
     model.names = list(CLASS_NAMES)
     calibrate_batchnorm(model, IMGSZ)
-    return save_checkpoint(checkpoint_dict(model), folder / "w.pt")
+    return model
+
+
+def make_weights(folder: Path) -> Path:
+    return save_checkpoint(checkpoint_dict(make_model()), folder / "w.pt")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def test_int8_file_is_quantised_next_to_the_weights_with_its_metadata(int8_expor
         weight = conv.input[1]
         assert weight not in produced_by or produced_by[weight].op_type != "DequantizeLinear"
     metrics = results["onnx_int8"].metrics
-    assert set(metrics) == {"map_float", "map_int8", "drop"}
+    assert set(metrics) == {"map_float", "map_int8", "drop", "ops"} and metrics["ops"] in ("full", "conv")
     assert metrics["drop"] == pytest.approx(metrics["map_float"] - metrics["map_int8"])
     assert not [p for p in weights.parent.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -122,6 +126,25 @@ def test_too_strict_tolerance_fails_naming_the_drop(tmp_path, tiny_data, caplog)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.onnx", "w.pt"]  # no INT8 file, no temp file
 
 
+def test_a_dynamic_export_quantises_to_a_dynamic_int8_file_and_the_working_folder_stays_clean(
+        tmp_path, monkeypatch):
+    # onnxruntime's symbolic shape inference does not complete on this dynamic graph and then saves
+    # 'sym_shape_infer_temp.onnx' (+ a data file) into the working folder; the user's folder stays clean
+    weights = make_weights(tmp_path)
+    float_file = export_and_verify(weights, include=("onnx",), imgsz=IMGSZ, dynamic=True)["onnx"].path
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    batch = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    quantize.quantize_onnx_int8(float_file, tmp_path / "q.onnx", [batch], HEAD, {"precision": "int8"})
+    assert list(cwd.iterdir()) == []
+    backend = InferenceBackend(tmp_path / "q.onnx")
+    assert backend.dynamic and read_onnx_metadata(tmp_path / "q.onnx")["precision"] == "int8"
+    for h, w in ((64, 96), (96, 128)):  # rectangular inputs, as detect.py letterboxes video frames
+        assert backend(torch.rand(1, 3, h, w)).shape[1] == 3 * ((h // 8) * (w // 8) + (h // 16) * (w // 16)
+                                                                 + (h // 32) * (w // 32))
+
+
 def test_accuracy_gate_compares_the_drop_with_the_tolerance():
     assert quantize.check_int8_accuracy(0.5, 0.495, 0.01) == pytest.approx(0.005)
     assert quantize.check_int8_accuracy(0.5, 0.52, 0.0) == pytest.approx(-0.02)  # INT8 better: fine
@@ -167,3 +190,94 @@ def test_attention_matmuls_and_head_convs_stay_float():
                               [helper.make_tensor_value_info("d", TensorProto.FLOAT, [4, 4])], [weight])
     kept = quantize.float_nodes(helper.make_model(graph), "/model.24/")
     assert kept == ["/model.3/attn/MatMul", "/model.24/m.0/Conv"]
+
+
+def test_benchmarks_detect_fps_runs_the_pt_and_the_dynamic_onnx_int8_and_openvino_exports(tmp_path):
+    import benchmarks
+
+    weights = make_weights(tmp_path)
+    files = benchmarks.detect_files(weights, HEAD, ("onnx", "int8", "openvino"))
+    assert set(files) == {"pt", "onnx", "int8", "int8_fixed", "openvino"} and files["pt"] == weights
+    for runtime in ("onnx", "int8", "openvino"):  # dynamic: detect.py letterboxes 640x480 frames to 640x480
+        assert InferenceBackend(files[runtime]).dynamic, runtime
+    assert InferenceBackend(files["int8_fixed"]).fixed_shape == (1, 480, 640)
+    assert read_onnx_metadata(files["int8"])["precision"] == read_onnx_metadata(files["int8_fixed"])["precision"]
+    assert read_onnx_metadata(files["int8"])["precision"] == "int8"
+    fps = benchmarks.detect_fps(make_model().eval(), frames=3, runtimes=("int8", "openvino"))
+    assert set(fps) == {"detect_fps", "detect_int8_fps", "detect_int8_fixed_fps", "detect_openvino_fps"}
+    assert all(v > 0 for v in fps.values())
+
+
+def _quantised_inputs(graph, op_type: str, inputs: slice = slice(None)) -> int:
+    """How many `op_type` nodes take all of `inputs` straight from DequantizeLinear nodes (int8 data)."""
+    produced_by = {out: n.op_type for n in graph.node for out in n.output}
+    return sum(all(produced_by.get(i) == "DequantizeLinear" for i in n.input[inputs])
+               for n in graph.node if n.op_type == op_type)
+
+
+@pytest.mark.parametrize("ops", ["full", "conv"])
+def test_int8_ops_choose_what_is_quantised_and_are_recorded_with_the_weight_range(tmp_path, ops, monkeypatch):
+    from engine import precision
+
+    weights = make_weights(tmp_path)
+    float_file = export_and_verify(weights, include=("onnx",), imgsz=IMGSZ)["onnx"].path
+    batch = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    for vnni in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        out = tmp_path / f"{ops}_{vnni}.onnx"
+        quantize.quantize_onnx_int8(float_file, out, [batch], HEAD, ops=ops)
+        settings = read_onnx_metadata(out)["int8"]
+        assert settings["ops"] == ops and settings["reduce_range"] is (not vnni)  # 7-bit weights without VNNI
+    graph = onnx.load(str(out)).graph
+    # SiLU = x * sigmoid(x) after every conv: 'full' multiplies quantised x and quantised sigmoid(x)
+    # (integer kernels); 'conv' quantises conv outputs only, so sigmoid(x) reaches the Mul in float
+    silu_muls = _quantised_inputs(graph, "Mul")
+    assert silu_muls == (5 if ops == "full" else 0)
+    assert _quantised_inputs(graph, "Conv", slice(1, 2)) == 5  # int8 weights: the 5 backbone convs, not the
+    # head's 3
+    head = [n for n in graph.node if n.name.startswith(HEAD)]
+    produced_by = {o: n.op_type for n in graph.node for o in n.output}
+    assert head and all(produced_by.get(i) != "DequantizeLinear" for n in head if n.op_type != "Conv"
+                        for i in n.input[1:])  # box decoding: grid and anchor constants stay float
+
+
+def test_full_range_int8_file_warns_on_a_cpu_without_vnni(int8_export, monkeypatch, caplog):
+    from engine import precision
+
+    _, results = int8_export
+    path = results["onnx_int8"].path
+    full_range = read_onnx_metadata(path)["int8"]["reduce_range"] is False
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="vitdet"):
+        InferenceBackend(path)
+    warned = any("full 8-bit range" in r.getMessage() for r in caplog.records)
+    assert warned == full_range
+    monkeypatch.setattr(precision, "cpu_has_vnni", lambda: True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vitdet"):
+        InferenceBackend(path)
+    assert not any("full 8-bit range" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_ops_fall_back_to_conv_when_full_fails_the_gate(tmp_path, tiny_data, monkeypatch, caplog):
+    real_val_map = quantize.val_map
+
+    def val_map(path, *args, **kwargs):  # a 'full' model that loses 0.5 mAP50-95
+        value = real_val_map(path, *args, **kwargs)
+        settings = read_onnx_metadata(path).get("int8") or {}
+        return value - 0.5 if settings.get("ops") == "full" else value
+
+    monkeypatch.setattr(quantize, "val_map", val_map)
+    weights = make_weights(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vitdet"):
+        results = export_and_verify(weights, include=("onnx",), imgsz=IMGSZ, int8=True, data=tiny_data,
+                                    calib=4, int8_tolerance=0.1)
+    assert results["onnx_int8"].metrics["ops"] == "conv"
+    assert read_onnx_metadata(results["onnx_int8"].path)["int8"]["ops"] == "conv"
+    assert any("ops 'full' failed the accuracy gate" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ExportError,
+                       match=r"ops 'full': INT8 mAP50-95 .* drop 0\.5\d+ > --int8-tolerance 0\.1"):
+        export_and_verify(weights, include=("onnx",), imgsz=IMGSZ, int8=True, data=tiny_data, calib=4,
+                          int8_tolerance=0.1, int8_ops="full")
+    with pytest.raises(ValueError, match="--int8-ops fast: expected one of auto, full, conv"):
+        export_and_verify(weights, include=("onnx",), imgsz=IMGSZ, int8=True, data=tiny_data, int8_ops="fast")

@@ -62,6 +62,30 @@ def test_backend_runs_the_folder_and_the_xml_like_eager(dynamic_ir):
             assert compare_outputs(reference, other)[1] > 100 * RELATIVE_TOLERANCE  # a check that can fail
 
 
+def test_openvino_runs_in_float32_unless_bf16_is_asked_and_bf16_only_where_native(tmp_path, monkeypatch):
+    # OpenVINO's own default on CPUs with native bf16 is bf16: a float32 export must not silently round
+    from engine import precision
+    from tests.test_bf16 import SHALLOW  # shallow: a deep random net amplifies bf16 rounding beyond compare
+
+    torch.manual_seed(0)
+    model = DetectionModel(SHALLOW)
+    model.names = ["a", "b", "c"]
+    calibrate_batchnorm(model, IMGSZ)
+    weights = save_checkpoint(checkpoint_dict(model), tmp_path / "w.pt")
+    folder = export_and_verify(weights, include=("openvino",), imgsz=IMGSZ, dynamic=True)["openvino"].path
+    backend = InferenceBackend(folder)
+    assert str(backend.model.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+    x = torch.rand((2, 3, IMGSZ, IMGSZ), generator=torch.Generator().manual_seed(1))
+    reference = InferenceBackend(weights)(x)
+    if precision.cpu_bf16_support().native:
+        bf16 = InferenceBackend(folder, bf16=True)
+        assert bf16.precision == "bf16"
+        assert 1e-4 < compare_outputs(reference, bf16(x))[1] < 0.02  # bf16 really ran, and stayed close
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: precision.Bf16Support(False, "test: AVX2"))
+    with pytest.raises(ValueError, match=r"w_openvino_model: this CPU has no native bf16 .*float32"):
+        InferenceBackend(folder, bf16=True)
+
+
 def test_fixed_shape_ir_accepts_only_its_shape(tmp_path):
     weights = make_weights(tmp_path)
     result = export_and_verify(weights, include=("openvino",), imgsz=IMGSZ)["openvino"]
@@ -98,3 +122,19 @@ def test_missing_or_empty_openvino_folder_is_a_clear_error(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"expected one OpenVINO \.xml model in the folder, found 0"):
         InferenceBackend(empty)
+
+
+def test_levit_exports_to_a_dynamic_openvino_model_that_matches_at_other_sizes(tmp_path):
+    # LeViT's shrink attention once took x[:, :, ::2, ::2]; OpenVINO's dynamic shape inference sized that
+    # strided slice wrongly and the export failed verification at its second input size
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5-levit.yaml", nc=len(CLASS_NAMES))
+    model.names = list(CLASS_NAMES)
+    weights = save_checkpoint(checkpoint_dict(model), tmp_path / "levit.pt")
+    result = export_and_verify(weights, include=("openvino",), imgsz=128, dynamic=True)["openvino"]
+    assert [c.input_shape for c in result.checks] == [(1, 3, 128, 128), (2, 3, 160, 192)]
+    assert all(c.relative_diff <= RELATIVE_TOLERANCE for c in result.checks)
+    backend = InferenceBackend(result.path)
+    x = torch.rand((1, 3, 96, 224), generator=torch.Generator().manual_seed(0))  # odd stride-16 map: 6x14
+    _, relative = compare_outputs(InferenceBackend(weights)(x), backend(x))
+    assert relative <= RELATIVE_TOLERANCE

@@ -113,7 +113,9 @@ class AttentionSubsample(nn.Module):
         batch, _, height, width = x.shape
         key, value = self.kv(x).reshape(batch, self.heads, -1, height * width).split(
             [self.key_dim, self.value_dim], dim=2)
-        sub = x[:, :, ::2, ::2]
+        # x[:, :, ::2, ::2] as a 1x1 max pool with stride 2 (the same cells, exactly): OpenVINO's
+        # dynamic-shape inference gets the strided slice's size wrong, and its export then fails
+        sub = F.max_pool2d(x, kernel_size=1, stride=2)
         query = self.q(sub).reshape(batch, self.heads, self.key_dim, -1)
         bias = relative_position_bias(self.attention_biases, self.trained_side, (height, width), 2)
         out = _attend(query, key, value, self.scale, bias)
