@@ -143,12 +143,18 @@ def test_batch_size_runs_same_shaped_images_together(setup):
     weights, folder, images, labels = setup
     wide = folder / list(images)[0]
     detector = Detector(weights, conf=CONF, imgsz=IMGSZ, batch_size=3)
-    sizes, forward = [], detector.forward
-    detector.forward = lambda x: sizes.append(x.shape[0]) or forward(x)
+    outputs, forward = [], detector.forward
+    detector.forward = lambda x: outputs.append(forward(x)) or outputs[-1]
     batched = detector([wide, wide, folder / "tall.png", wide])
-    assert sorted(sizes) == [1, 3] and len(batched) == 4 and batched.files[2] == "tall.png"
-    expected = len(labels[wide.name])  # float rounding of a batch may move a box sitting on a threshold
-    assert all(abs(len(d) - expected) <= 0.05 * expected for d in batched.xyxy[:2])
+    assert sorted(len(o) for o in outputs) == [1, 3] and len(batched) == 4 and batched.files[2] == "tall.png"
+    single = Detector(weights, conf=CONF, imgsz=IMGSZ)
+    alone = single.forward(torch.from_numpy(single.letterbox(cv2.imread(str(wide))))[None].float() / 255)
+    together = next(o for o in outputs if len(o) == 3)
+    # compare the raw rows, not box counts: this random model has many scores on the threshold, and a
+    # batch's different float summation order moves some of them across it
+    for row in together:
+        assert torch.allclose(row, alone[0], rtol=1e-3, atol=1e-3 * float(alone[0].abs().max()))
+    assert len(batched.xyxy[0]) == len(batched.xyxy[1]) == len(batched.xyxy[3])
     with pytest.raises(ValueError, match="batch_size 0"):
         Detector(weights, batch_size=0)(wide)
 
