@@ -110,14 +110,9 @@ def int8_latencies(model: DetectionModel, imgsz: int, runs: int, warmup: int, th
     """ONNX Runtime latency of the INT8 (QDQ) quantisation of the fused export (export.py --int8's
     settings), calibrated on 4 random images (calibration data does not change the speed), and with
     `openvino` also OpenVINO's latency on the same QDQ file."""
-    from engine.quantize import quantize_onnx_int8
-
-    rng = np.random.default_rng(0)
-    batches = [rng.random((1, 3, imgsz, imgsz), dtype=np.float32) for _ in range(4)]
     with tempfile.TemporaryDirectory() as tmp:
         float_file = export_onnx(model, imgsz, Path(tmp))
-        int8_file = Path(tmp) / "model_int8.onnx"
-        quantize_onnx_int8(float_file, int8_file, batches, head_prefix=f"/model.{len(model.model) - 1}/")
+        int8_file = _int8_file(float_file, f"/model.{len(model.model) - 1}/", (imgsz, imgsz))
         times = {"onnx_int8_ms": ort_latency(int8_file, imgsz, runs, warmup, threads)}
         if openvino:
             times["openvino_int8_ms"] = openvino_latency(model, imgsz, runs, warmup, threads,
@@ -199,6 +194,14 @@ def failed(what: str, err: Exception) -> str:
     return f"failed ({type(err).__name__})"
 
 
+def _guarded(what: str, fn):
+    """fn() or, when it raises, a failed(...) text for its cell."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 -- one failing runtime must not end a long benchmark run
+        return failed(what, err)
+
+
 def detect_files(weights: Path, head_prefix: str, runtimes: Sequence[str]) -> dict[str, Path | str]:
     """{runtime: model file} for detect.py: the .pt itself and, per requested runtime, its dynamic-shape
     export (so detect.py letterboxes 640x480 frames to 640x480, as it does for the .pt); with 'int8' also
@@ -210,28 +213,28 @@ def detect_files(weights: Path, head_prefix: str, runtimes: Sequence[str]) -> di
     files: dict[str, Path | str] = {"pt": weights}
     for fmt in ("onnx", "openvino"):
         if fmt in runtimes or (fmt == "onnx" and "int8" in runtimes):
-            try:
-                files[fmt] = export_and_verify(weights, include=(fmt,), imgsz=640, dynamic=True)[fmt].path
-            except Exception as err:  # noqa: BLE001 -- one failed export must not end the whole benchmark
-                files[fmt] = failed(f"dynamic {fmt} export for detect.py", err)
+            files[fmt] = _guarded(f"dynamic {fmt} export for detect.py", lambda fmt=fmt: export_and_verify(
+                weights, include=(fmt,), imgsz=640, dynamic=True)[fmt].path)
     if "int8" in runtimes:
         fixed = Path(shutil.copy(weights, weights.with_name(f"{weights.stem}_fixed.pt")))
-        for key, source in (("int8", lambda: files["onnx"]), ("int8_fixed", lambda: export_and_verify(
-                fixed, include=("onnx",), imgsz=(480, 640))["onnx"].path)):
-            try:
-                float_file = source()
-                if isinstance(float_file, str):
-                    raise RuntimeError(f"no float ONNX file to quantise ({float_file})")
-                files[key] = _int8_file(float_file, head_prefix, (480, 640))
-            except Exception as err:  # noqa: BLE001
-                files[key] = failed(f"{key} file for detect.py", err)
+        files["int8"] = _guarded("INT8 file for detect.py",
+                                 lambda: _int8_file(files["onnx"], head_prefix, (480, 640)))
+        fixed_onnx = _guarded("fixed-shape ONNX export for detect.py", lambda: export_and_verify(
+            fixed, include=("onnx",), imgsz=(480, 640))["onnx"].path)
+        files["int8_fixed"] = _guarded("fixed-shape INT8 file for detect.py",
+                                       lambda: _int8_file(fixed_onnx, head_prefix, (480, 640)))
     if "onnx" not in runtimes:
         files.pop("onnx", None)
     return files
 
 
-def _int8_file(float_file: Path, head_prefix: str, shape: tuple[int, int]) -> Path:
+def _int8_file(float_file: Path | str, head_prefix: str, shape: tuple[int, int]) -> Path:
+    """`<stem>_int8.onnx` beside `float_file`, quantised on 4 random (1, 3, *shape) images; `float_file`
+    may be the failed(...) text of its export, which is passed on as an error."""
     from engine.quantize import quantize_onnx_int8
+
+    if isinstance(float_file, str):
+        raise RuntimeError(f"no float ONNX file to quantise ({float_file})")
 
     rng = np.random.default_rng(0)
     batches = [rng.random((1, 3, *shape), dtype=np.float32) for _ in range(4)]
@@ -273,14 +276,6 @@ def detect_fps(model: DetectionModel, frames: int = 300,
 NO_NATIVE_BF16 = "n/a (no native bf16)"
 LATENCY_COLUMNS = ("cpu_ms", "cpu_fused_ms", "bf16_ms", "onnx_ms", "onnx_int8_ms", "openvino_ms",
                    "openvino_bf16_ms", "openvino_int8_ms")
-
-
-def _guarded(what: str, fn):
-    """fn() or, when it raises, a failed(...) text for its cell."""
-    try:
-        return fn()
-    except Exception as err:  # noqa: BLE001 -- one failing runtime must not end a long benchmark run
-        return failed(what, err)
 
 
 def measure(cfg: str, args: argparse.Namespace) -> dict:

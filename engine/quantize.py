@@ -14,9 +14,9 @@ Settings and why:
   without VNNI.
 - Which ops (`ops`): 'full' quantises the convolutions and linear layers *and* the ops between them
   (SiLU's Sigmoid and Mul, residual Adds, Concat, MaxPool, Resize, pooling, ReLU/Clip), so consecutive
-  layers pass int8 tensors and the graph runs in integer kernels end to end -- on yolov5s at 640 px
-  about 2.4x faster than 'conv', which quantises only Conv / MatMul / Gemm and pays a float SiLU plus a
-  Quantize/Dequantize round trip around every conv. Softmax, normalisations, divisions and the shape
+  layers pass int8 tensors and the graph runs in integer kernels end to end -- faster than 'conv',
+  which quantises only Conv / MatMul / Gemm and pays a float SiLU plus a Quantize/Dequantize round trip
+  around every conv. Softmax, normalisations, divisions and the shape
   ops stay float32 in both. export.py's default 'auto' writes 'full' and falls back to 'conv' when
   'full' fails the accuracy gate.
 - Kept in float32 as well (nodes_to_exclude): every node of the Detect head (its output 1x1 convs give

@@ -65,13 +65,9 @@ def test_backend_runs_the_folder_and_the_xml_like_eager(dynamic_ir):
 def test_openvino_runs_in_float32_unless_bf16_is_asked_and_bf16_only_where_native(tmp_path, monkeypatch):
     # OpenVINO's own default on CPUs with native bf16 is bf16: a float32 export must not silently round
     from engine import precision
-    from tests.test_bf16 import SHALLOW  # shallow: a deep random net amplifies bf16 rounding beyond compare
+    from tests.test_int8 import make_weights as shallow_weights  # a deep random net amplifies bf16 rounding
 
-    torch.manual_seed(0)
-    model = DetectionModel(SHALLOW)
-    model.names = ["a", "b", "c"]
-    calibrate_batchnorm(model, IMGSZ)
-    weights = save_checkpoint(checkpoint_dict(model), tmp_path / "w.pt")
+    weights = shallow_weights(tmp_path)
     folder = export_and_verify(weights, include=("openvino",), imgsz=IMGSZ, dynamic=True)["openvino"].path
     backend = InferenceBackend(folder)
     assert str(backend.model.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
