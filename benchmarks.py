@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from models.yolo import DetectionModel
+from utils.allocator import keep_freed_memory
 from utils.general import CONFIGS, resolve_config
 from utils.torch_utils import count_flops, count_parameters
 
@@ -458,6 +459,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    keep_freed_memory()  # steady eager timings (utils/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfgs = [str(resolve_config(c, "models")) for c in args.cfg] if args.cfg else \

@@ -22,6 +22,7 @@ import logging
 import sys
 
 from engine.predictor import run
+from utils.allocator import keep_freed_memory
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
@@ -64,6 +65,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = parse_opt(argv)
+    keep_freed_memory()  # steady eager inference speed (utils/allocator.py)
     opt.weights = opt.weights[0] if len(opt.weights) == 1 else opt.weights
     try:
         run(**vars(opt))

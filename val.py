@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine.evaluation import TASKS, EvalOptions, evaluate, study
 from engine.validator import ValResults
+from utils.allocator import keep_freed_memory
 from utils.general import yaml_save
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     --device this machine lacks), a missing file or a dataset/model mismatch, as detect.py does."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = parse_opt(argv)
+    keep_freed_memory()  # steady eager inference speed (utils/allocator.py)
     try:
         _validate_all(opt)
     except (FileNotFoundError, ValueError) as err:

@@ -14,7 +14,9 @@ INT8 (`int8=True`, export.py --int8 --data DATA.yaml): the verified float ONNX e
 statically (engine.quantize: QDQ, U8S8 per-channel, calibrated on --calib images of the train split)
 into `<stem>_int8.onnx`. Its check is accuracy, not equality: the float ONNX model and the INT8 model
 are both validated on the dataset's val split, and a mAP50-95 drop above `int8_tolerance` fails the
-export (ExportError naming both mAPs, the drop and the tolerance; no INT8 file is written).
+export (ExportError naming both mAPs, the drop and the tolerance; no INT8 file is written). With
+'openvino' in the formats too, the accepted INT8 file is also converted into
+`<stem>_int8_openvino_model/` (OpenVINO runs the QDQ pairs as int8 ops), gated by its own val mAP.
 
 Verification: each export is written to a temporary file, run on a seeded random input (and on a
 second input size/batch when `dynamic`), and compared with the PyTorch output. The error is measured
@@ -83,15 +85,15 @@ class Verification:
 class ExportResult:
     path: Path
     checks: list[Verification] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)  # INT8: map_float, map_int8, drop
+    metrics: dict[str, Any] = field(default_factory=dict)  # INT8: map_float, map_int8, drop, ops
 
 
 # -- small helpers --------------------------------------------------------------------------------------
 def target_path(weights: Path, fmt: str) -> Path:
     """Where `fmt` is written for `weights`: best.pt -> best.torchscript / best.onnx / best_openvino_model
-    / best_int8.onnx (fmt 'onnx_int8')."""
-    if fmt == "openvino":
-        return weights.with_name(f"{weights.stem}_openvino_model")
+    / best_int8.onnx (fmt 'onnx_int8') / best_int8_openvino_model (fmt 'openvino_int8')."""
+    if fmt in ("openvino", "openvino_int8"):
+        return weights.with_name(f"{weights.stem}{'_int8' if fmt == 'openvino_int8' else ''}_openvino_model")
     if fmt == "onnx_int8":
         return weights.with_name(f"{weights.stem}_int8.onnx")
     return weights.with_suffix(f".{fmt}")
@@ -242,14 +244,20 @@ def _slim(model_onnx):
 def write_openvino(model, sample: torch.Tensor, tmp_dir: Path, meta: dict[str, Any], opset: int,
                    dynamic: bool, stem: str) -> None:
     """OpenVINO IR (<stem>.xml/.bin) converted from an ONNX export, plus metadata.yaml."""
-    import openvino as ov
-
     onnx_file = temp_name_beside(tmp_dir / f"{stem}.onnx", keep_suffix=True)
     try:
         write_onnx(model, sample, onnx_file, meta, opset, dynamic, simplify=False)
-        ov.save_model(ov.convert_model(str(onnx_file)), str(tmp_dir / f"{stem}.xml"), compress_to_fp16=False)
+        write_openvino_from_onnx(onnx_file, tmp_dir, meta, stem)
     finally:
         onnx_file.unlink(missing_ok=True)
+
+
+def write_openvino_from_onnx(onnx_file: Path, tmp_dir: Path, meta: dict[str, Any], stem: str) -> None:
+    """Convert an ONNX file (float, or INT8 QDQ: OpenVINO runs its quantised ops in int8) into
+    <stem>.xml/.bin in `tmp_dir`, with metadata.yaml (`meta` plus imgsz and batch)."""
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(str(onnx_file)), str(tmp_dir / f"{stem}.xml"), compress_to_fp16=False)
     shape = meta["shape"]
     ov_meta = {**meta, "imgsz": [int(shape[2]), int(shape[3])], "batch": int(shape[0])}
     (tmp_dir / "metadata.yaml").write_text(yaml.safe_dump(ov_meta, sort_keys=False))
@@ -365,7 +373,8 @@ def export_and_verify(weights: str | Path, include: Sequence[str] = ("torchscrip
     exported batch (any batch works with `dynamic`). int8 (needs 'onnx' in include and `data`): also
     write `<stem>_int8.onnx`, calibrated on `calib` train images (default 100) and accepted only if its
     val mAP50-95 is at most `int8_tolerance` (default 0.01) below the float ONNX model's; its result is
-    under the key 'onnx_int8'. int8_ops: 'auto' (default: 'full', else 'conv' when 'full' fails the
+    under the key 'onnx_int8' (and its OpenVINO IR under 'openvino_int8' when 'openvino' is included,
+    gated the same way). int8_ops: 'auto' (default: 'full', else 'conv' when 'full' fails the
     gate), 'full' or 'conv' (see engine.quantize). Raises ExportError (failed or wrong export, or too
     large an INT8 drop), FileExistsError (would overwrite a file that is not our export), ValueError
     (bad request).
@@ -378,7 +387,7 @@ def export_and_verify(weights: str | Path, include: Sequence[str] = ("torchscrip
         raise ValueError(f"--batch-size {batch_size}: must be >= 1")
     if int8 and int8_ops not in INT8_OPS:
         raise ValueError(f"--int8-ops {int8_ops}: expected one of {', '.join(INT8_OPS)}")
-    targets = {fmt: target_path(weights, fmt) for fmt in formats + (["onnx_int8"] if int8 else [])}
+    targets = {fmt: target_path(weights, fmt) for fmt in formats + _int8_formats(formats, int8)}
     for target in targets.values():
         check_overwrite(target, weights)  # before any work, so a refusal leaves nothing half done
     model = load_export_model(weights, device, half)
@@ -409,7 +418,17 @@ def export_and_verify(weights: str | Path, include: Sequence[str] = ("torchscrip
         results["onnx_int8"] = export_int8(results["onnx"].path, targets["onnx_int8"], data, shape, stride,
                                            head_prefix, calib or DEFAULT_CALIB_IMAGES, tolerance, cases,
                                            workers, int8_ops)
+        if "openvino_int8" in targets:
+            results["openvino_int8"] = export_openvino_int8(results["onnx_int8"], targets["openvino_int8"],
+                                                            weights.stem, cases, (data, tolerance, workers))
     return results
+
+
+def _int8_formats(formats: Sequence[str], int8: bool) -> list[str]:
+    """The INT8 outputs of a request: the QDQ ONNX file, and its OpenVINO IR when openvino is included."""
+    if not int8:
+        return []
+    return ["onnx_int8"] + (["openvino_int8"] if "openvino" in formats else [])
 
 
 def export_int8(float_onnx: Path, target: Path, data, shape: Sequence[int], stride: int, head_prefix: str,
@@ -448,19 +467,53 @@ def _quantise_and_gate(float_onnx: Path, target: Path, batches, head_prefix: str
     extra = {"int8": {"calibration_images": n_calib, "data": Path(str(data)).name}}
     with atomic_path(target, keep_suffix=True) as tmp:
         kept = quantize.quantize_onnx_int8(float_onnx, tmp, batches, head_prefix, extra, ops=ops)
-        backend = InferenceBackend(tmp)
-        checks = []
-        for sample, reference in cases:  # not a pass/fail check: INT8 is judged by its mAP
-            max_abs, relative = compare_outputs(reference, backend(sample))
-            checks.append(Verification(tuple(sample.shape), max_abs, relative))
-            LOGGER.info(f"onnx_int8: output on input {tuple(sample.shape)} differs from PyTorch's by max "
-                        f"abs {max_abs:.3g}, relative {relative:.3g} (judged by mAP below)")
+        checks = _int8_output_checks("onnx_int8", InferenceBackend(tmp), cases)
         map_int8 = quantize.val_map(tmp, data, imgsz, batch, workers)
         drop = quantize.check_int8_accuracy(map_float, map_int8, tolerance)
     LOGGER.info(f"onnx_int8: export success, saved as {target} ({_size_mb(target):.1f} MB; ops '{ops}', "
                 f"{len(kept)} nodes kept float32)")
     metrics = {"map_float": map_float, "map_int8": map_int8, "drop": drop, "ops": ops}
     return ExportResult(target, checks, metrics)
+
+
+def export_openvino_int8(onnx_int8: ExportResult, target: Path, stem: str, cases, gate_args) -> ExportResult:
+    """The accepted INT8 ONNX file converted to an OpenVINO IR (`<stem>_int8_openvino_model/`; OpenVINO
+    runs its quantise/dequantise pairs as int8 ops), accepted only if its own val mAP50-95 is within the
+    tolerance of the float ONNX model's (the same gate as the ONNX file: the two runtimes fuse and round
+    differently)."""
+    from engine import quantize
+
+    data, tolerance, workers = gate_args
+    meta = read_onnx_metadata(onnx_int8.path)
+    imgsz, batch = max(meta["shape"][2:]), meta["shape"][0]
+    map_float = onnx_int8.metrics["map_float"]
+    with atomic_dir(target) as tmp:
+        try:
+            write_openvino_from_onnx(onnx_int8.path, tmp, meta, f"{stem}_int8")
+        except Exception as err:
+            raise ExportError(f"openvino_int8 export of {target.name} failed: {type(err).__name__}: "
+                              f"{err}") from err
+        checks = _int8_output_checks("openvino_int8", InferenceBackend(tmp), cases)
+        map_int8 = quantize.val_map(tmp, data, imgsz, batch, workers)
+        try:
+            drop = quantize.check_int8_accuracy(map_float, map_int8, tolerance)
+        except ValueError as err:
+            raise ExportError(f"openvino_int8 export of {target.name} failed: {err}") from err
+    LOGGER.info(f"openvino_int8: export success, saved as {target} ({_size_mb(target):.1f} MB)")
+    metrics = {"map_float": map_float, "map_int8": map_int8, "drop": drop, "ops": onnx_int8.metrics["ops"]}
+    return ExportResult(target, checks, metrics)
+
+
+def _int8_output_checks(fmt: str, backend, cases) -> list[Verification]:
+    """How far an INT8 model's outputs are from PyTorch's, logged; not a pass/fail check (INT8 is
+    judged by its mAP)."""
+    checks = []
+    for sample, reference in cases:
+        max_abs, relative = compare_outputs(reference, backend(sample))
+        checks.append(Verification(tuple(sample.shape), max_abs, relative))
+        LOGGER.info(f"{fmt}: output on input {tuple(sample.shape)} differs from PyTorch's by max "
+                    f"abs {max_abs:.3g}, relative {relative:.3g} (judged by mAP below)")
+    return checks
 
 
 def export_model(weights: str | Path, include: Sequence[str] = ("torchscript", "onnx"),

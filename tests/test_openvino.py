@@ -3,6 +3,8 @@ InferenceBackend (and so detect.py and val.py) runs on OpenVINO's CPU device."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 import yaml
 
 from data.builtin import CLASS_NAMES
-from engine.backend import InferenceBackend
+from engine.backend import InferenceBackend, read_onnx_metadata
 from engine.checkpoint import checkpoint_dict, save_checkpoint
 from engine.exporter import RELATIVE_TOLERANCE, compare_outputs, export_and_verify
 from models.yolo import DetectionModel
@@ -134,3 +136,60 @@ def test_levit_exports_to_a_dynamic_openvino_model_that_matches_at_other_sizes(t
     x = torch.rand((1, 3, 96, 224), generator=torch.Generator().manual_seed(0))  # odd stride-16 map: 6x14
     _, relative = compare_outputs(InferenceBackend(weights)(x), backend(x))
     assert relative <= RELATIVE_TOLERANCE
+
+
+def test_int8_with_openvino_also_writes_an_int8_ir_that_runs_quantised(tmp_path, tiny_data):
+    import openvino as ov
+
+    from tests.test_int8 import make_weights as shallow_weights  # a deep random net defeats any INT8 check
+
+    weights = shallow_weights(tmp_path)
+    results = export_and_verify(weights, include=("onnx", "openvino"), imgsz=IMGSZ, int8=True, data=tiny_data,
+                                calib=8)
+    folder = results["openvino_int8"].path
+    assert folder == weights.with_name("w_int8_openvino_model")
+    assert {p.name for p in folder.iterdir()} == {"w_int8.xml", "w_int8.bin", "metadata.yaml"}
+    meta = yaml.safe_load((folder / "metadata.yaml").read_text())
+    onnx_meta = read_onnx_metadata(results["onnx_int8"].path)
+    assert meta["precision"] == "int8" and meta["int8"] == onnx_meta["int8"]
+    assert meta["names"] == list(CLASS_NAMES)
+    assert meta["exporter"] == "vitdet" and meta["weights"] == "w.pt" and meta["imgsz"] == [IMGSZ, IMGSZ]
+    metrics = results["openvino_int8"].metrics
+    assert metrics["ops"] == "full"
+    assert metrics["drop"] == pytest.approx(metrics["map_float"] - metrics["map_int8"])
+
+    def fake_quantize_ops(xml):
+        return sum(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(str(xml)).get_ops())
+    assert fake_quantize_ops(folder / "w_int8.xml") >= 5  # the five body convs' inputs and weights at least
+    assert fake_quantize_ops(results["openvino"].path / "w.xml") == 0
+    backend = InferenceBackend(folder)
+    assert (backend.kind, backend.precision, backend.stride) == ("openvino", "int8", 32)
+    x = torch.rand((1, 3, IMGSZ, IMGSZ), generator=torch.Generator().manual_seed(3))
+    float_out, ort_int8 = InferenceBackend(weights)(x), InferenceBackend(results["onnx_int8"].path)(x)
+    out = backend(x)
+    to_float, to_ort_int8 = compare_outputs(float_out, out)[1], compare_outputs(ort_int8, out)[1]
+    assert to_float > 1e-3 and to_ort_int8 < to_float / 3  # it rounds like the INT8 file, not like float
+
+
+def test_openvino_int8_ir_failing_the_gate_is_not_written_and_a_foreign_folder_is_kept(
+        tmp_path, tiny_data, monkeypatch):
+    from engine import quantize
+    from engine.exporter import ExportError
+    from tests.test_int8 import make_weights as shallow_weights
+
+    weights = shallow_weights(tmp_path)
+    foreign = tmp_path / "w_int8_openvino_model"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    request = dict(include=("onnx", "openvino"), imgsz=IMGSZ, int8=True, data=tiny_data, calib=4)
+    with pytest.raises(FileExistsError, match="w_int8_openvino_model exists and is not this project's"):
+        export_and_verify(weights, **request)
+    assert [p.name for p in foreign.iterdir()] == ["mine.txt"]
+    foreign.joinpath("mine.txt").unlink()
+    foreign.rmdir()
+    monkeypatch.setattr(quantize, "val_map", lambda path, *a, **k: 0.2 if Path(path).is_dir() else 0.7)
+    expected = (r"openvino_int8 export of w_int8_openvino_model failed: INT8 mAP50-95 0\.2000 vs float "
+                r"0\.7000: drop 0\.5000 > --int8-tolerance 0\.01")
+    with pytest.raises(ExportError, match=expected):
+        export_and_verify(weights, **request)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.onnx", "w.pt", "w_int8.onnx", "w_openvino_model"]
