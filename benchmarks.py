@@ -351,7 +351,7 @@ def precision_maps(weights: str, data: str, imgsz: int, workers: int = 0) -> lis
     def val(path, bf16=False) -> float:
         with tempfile.TemporaryDirectory() as out:
             options = EvalOptions(weights=path, data=data, imgsz=imgsz, batch_size=1, device="cpu",
-                                  workers=workers, plots=False, project=out, bf16=bf16)
+                                  workers=workers, plots=False, project=out, bf16=bf16, report_folder=False)
             results, _ = evaluate(options)
         return float(results.map)
 

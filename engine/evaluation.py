@@ -49,6 +49,7 @@ class EvalOptions:
     half: bool = False
     plots: bool = True
     bf16: bool = False  # bf16 autocast of a .pt checkpoint (engine.backend.InferenceBackend's bf16)
+    report_folder: bool = True  # False for callers that validate into a temporary folder they delete
 
     def val_options(self, save_dir: Path) -> ValOptions:
         speed = self.task == "speed"
@@ -82,7 +83,8 @@ def evaluate(opt: EvalOptions) -> tuple[ValResults, Path]:
     results = Validator(loader, names, opt.val_options(save_dir), coco_ids=coco_ids)(backend)
     if opt.save_json and results.json_path is not None:
         results.coco = evaluate_with_pycocotools(cfg, split, results, save_dir)
-    LOGGER.info(f"Results saved to {save_dir}")
+    if opt.report_folder:
+        LOGGER.info(f"Results saved to {save_dir}")
     return results, save_dir
 
 

@@ -228,7 +228,8 @@ def val_map(weights: Path, data, imgsz: int, batch_size: int, workers: int = 0) 
     with tempfile.TemporaryDirectory(prefix="vitdet-int8-val-") as tmp:
         results, _ = evaluate(EvalOptions(weights=weights, data=str(data) if isinstance(data, Path) else data,
                                           imgsz=imgsz, batch_size=batch_size, device="cpu", workers=workers,
-                                          plots=False, project=tmp, name="val", exist_ok=True))
+                                          plots=False, project=tmp, name="val", exist_ok=True,
+                                          report_folder=False))
     return float(results.map)
 
 

@@ -145,6 +145,26 @@ def test_a_dynamic_export_quantises_to_a_dynamic_int8_file_and_the_working_folde
                                                                  + (h // 32) * (w // 32))
 
 
+def test_the_gate_validates_quietly_in_a_folder_it_deletes(tmp_path, tiny_data, caplog, monkeypatch):
+    # the gate's val runs go to a temporary folder: logging "Results saved to /tmp/..." would point the
+    # user at a folder that no longer exists, and nothing may be left behind in the temp dir either
+    weights = make_weights(tmp_path)
+    monkeypatch.setattr(quantize.tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    with caplog.at_level(logging.INFO, logger="vitdet"):
+        value = quantize.val_map(weights, tiny_data, IMGSZ, batch_size=2)
+    assert 0.0 <= value <= 1.0
+    assert not any("Results saved" in r.getMessage() for r in caplog.records)
+    assert list((tmp_path / "temp").iterdir()) == []
+    caplog.clear()
+    from engine.evaluation import EvalOptions, evaluate
+
+    with caplog.at_level(logging.INFO, logger="vitdet"):
+        _, save_dir = evaluate(EvalOptions(weights=weights, data=str(tiny_data), imgsz=IMGSZ, batch_size=2,
+                                           workers=0, plots=False, project=tmp_path, name="val"))
+    assert any(f"Results saved to {save_dir}" in r.getMessage() for r in caplog.records)
+
+
 def test_accuracy_gate_compares_the_drop_with_the_tolerance():
     assert quantize.check_int8_accuracy(0.5, 0.495, 0.01) == pytest.approx(0.005)
     assert quantize.check_int8_accuracy(0.5, 0.52, 0.0) == pytest.approx(-0.02)  # INT8 better: fine
