@@ -345,15 +345,11 @@ def precision_maps(weights: str, data: str, imgsz: int, workers: int = 0) -> lis
     import os
 
     from engine import precision
-    from engine.evaluation import EvalOptions, evaluate
     from engine.exporter import export_and_verify
+    from engine.quantize import val_map
 
     def val(path, bf16=False) -> float:
-        with tempfile.TemporaryDirectory() as out:
-            options = EvalOptions(weights=path, data=data, imgsz=imgsz, batch_size=1, device="cpu",
-                                  workers=workers, plots=False, project=out, bf16=bf16, report_folder=False)
-            results, _ = evaluate(options)
-        return float(results.map)
+        return val_map(path, data, imgsz, batch_size=1, workers=workers, bf16=bf16)
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / Path(weights).name

@@ -53,7 +53,8 @@ class EvalOptions:
 
     def val_options(self, save_dir: Path) -> ValOptions:
         speed = self.task == "speed"
-        return ValOptions(conf_thres=0.25 if speed else self.conf_thres, iou_thres=0.45 if speed else self.iou_thres,
+        return ValOptions(conf_thres=0.25 if speed else self.conf_thres,
+                          iou_thres=0.45 if speed else self.iou_thres,
                           max_det=self.max_det, half=self.half, bf16=self.bf16, augment=self.augment,
                           single_cls=self.single_cls,
                           save_dir=save_dir, plots=self.plots and not speed, save_txt=self.save_txt,
@@ -121,7 +122,8 @@ def shapes_for(backend, imgsz: int, batch_size: int) -> tuple[int, int, bool]:
         if (h, w) != (imgsz, imgsz) or b != batch_size:
             LOGGER.info(f"{backend.kind} model has a fixed input of {b}x3x{h}x{w}: validating at that shape")
         if h != w:
-            raise ValueError(f"static export with a non-square input {h}x{w} cannot validate letterboxed squares")
+            raise ValueError(f"static export with a non-square input {h}x{w} cannot validate "
+                             "letterboxed squares")
         return h, b, False
     return imgsz, batch_size, backend.dynamic  # rectangular batches need an input of any shape
 

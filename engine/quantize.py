@@ -221,14 +221,15 @@ def quantize_onnx_int8(float_onnx: str | Path, out: str | Path, batches: Sequenc
 
 
 # -- the accuracy gate --------------------------------------------------------------------------------
-def val_map(weights: Path, data, imgsz: int, batch_size: int, workers: int = 0) -> float:
-    """mAP50-95 of `weights` on the dataset's val split (engine.evaluation, no plots, temp folder)."""
+def val_map(weights: Path, data, imgsz: int, batch_size: int, workers: int = 0, bf16: bool = False) -> float:
+    """mAP50-95 of `weights` on the dataset's val split (engine.evaluation, no plots, temp folder),
+    under bf16 autocast with `bf16`."""
     from engine.evaluation import EvalOptions, evaluate
 
-    with tempfile.TemporaryDirectory(prefix="vitdet-int8-val-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vitdet-val-") as tmp:
         results, _ = evaluate(EvalOptions(weights=weights, data=str(data) if isinstance(data, Path) else data,
                                           imgsz=imgsz, batch_size=batch_size, device="cpu", workers=workers,
-                                          plots=False, project=tmp, name="val", exist_ok=True,
+                                          plots=False, project=tmp, name="val", exist_ok=True, bf16=bf16,
                                           report_folder=False))
     return float(results.map)
 

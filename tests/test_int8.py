@@ -221,8 +221,8 @@ def test_benchmarks_detect_fps_runs_the_pt_and_the_dynamic_onnx_int8_and_openvin
     for runtime in ("onnx", "int8", "openvino"):  # dynamic: detect.py letterboxes 640x480 frames to 640x480
         assert InferenceBackend(files[runtime]).dynamic, runtime
     assert InferenceBackend(files["int8_fixed"]).fixed_shape == (1, 480, 640)
-    assert read_onnx_metadata(files["int8"])["precision"] == read_onnx_metadata(files["int8_fixed"])["precision"]
-    assert read_onnx_metadata(files["int8"])["precision"] == "int8"
+    for name in ("int8", "int8_fixed"):
+        assert read_onnx_metadata(files[name])["precision"] == "int8", name
     fps = benchmarks.detect_fps(make_model().eval(), frames=3, runtimes=("int8", "openvino"))
     assert set(fps) == {"detect_fps", "detect_int8_fps", "detect_int8_fixed_fps", "detect_openvino_fps"}
     assert all(v > 0 for v in fps.values())
@@ -301,3 +301,31 @@ def test_auto_ops_fall_back_to_conv_when_full_fails_the_gate(tmp_path, tiny_data
                           int8_tolerance=0.1, int8_ops="full")
     with pytest.raises(ValueError, match="--int8-ops fast: expected one of auto, full, conv"):
         export_and_verify(weights, include=("onnx",), imgsz=IMGSZ, int8=True, data=tiny_data, int8_ops="fast")
+
+
+@pytest.mark.slow
+def test_benchmark_precision_maps_measure_every_precision_of_one_checkpoint(tmp_path, tiny_data, monkeypatch):
+    import benchmarks
+    from engine import precision
+
+    calls = []  # every val run, really run: (what it validated, under bf16 or not)
+    real_val_map = quantize.val_map
+
+    def val_map(path, *args, bf16=False, **kwargs):
+        calls.append((Path(path).suffix or "folder", bf16))
+        return real_val_map(path, *args, bf16=bf16, **kwargs)
+
+    monkeypatch.setattr(quantize, "val_map", val_map)
+    native = precision.cpu_bf16_support().native
+    maps = dict(benchmarks.precision_maps(str(make_weights(tmp_path)), str(tiny_data), IMGSZ))
+    labels = ["eager fp32", "eager bf16" + ("" if native else " (emulated)"), "ONNX Runtime fp32"]
+    assert list(maps)[:3] == labels and list(maps)[3].startswith("ONNX Runtime INT8 (ops '")
+    assert list(maps)[4:] == ["OpenVINO fp32"] + (["OpenVINO bf16"] if native else [])
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in maps.values()), maps
+    # the INT8 gate validates the float and INT8 ONNX files; then eager bf16, eager fp32 and OpenVINO
+    assert calls[-4 if native else -3:] == [(".pt", True), (".pt", False), ("folder", False)] + (
+        [("folder", True)] if native else [])
+    # the same float model through three runtimes: the same detections up to float rounding
+    assert maps["ONNX Runtime fp32"] == pytest.approx(maps["eager fp32"], abs=0.01)
+    assert maps["OpenVINO fp32"] == pytest.approx(maps["eager fp32"], abs=0.01)
+    assert list(tmp_path.iterdir()) == [tmp_path / "w.pt"]  # exports went to a temporary folder
