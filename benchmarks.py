@@ -7,25 +7,30 @@
     python benchmarks.py --cfg yolov5n.yaml --map-data bccd.yaml --map-weights best.pt   # + mAP per precision
 
 Columns: parameters, GFLOPs at --imgsz (batch 1, torch.utils.flop_counter), median CPU latency at
-batch 1 after warm-up for the model as built and after fuse() (Conv+BN folding and backbone
-reparameterisation), and, opt-in, the fused model under other runtimes and precisions: eager bf16
-(`--bf16`: torch.autocast bf16, Detect head float32; only where the CPU has native bf16, else
+batch 1 after warm-up for the model as built (eager) and, through InferenceBackend -- the same runners,
+session settings and thread defaults as detect.py and val.py -- for the fused checkpoint and, opt-in,
+each runtime and precision of the project's own exports (engine.exporter, static batch 1 at --imgsz):
+eager bf16 (`--bf16`: torch.autocast bf16, Detect head float32; only where the CPU has native bf16, else
 'n/a (no native bf16)'), ONNX Runtime float32 (`--onnx`), ONNX Runtime INT8 (`--int8`: the static QDQ
 quantisation of export.py --int8 with its default ops 'full', calibrated here on 4 random images --
 right for latency, not for accuracy), OpenVINO float32 (`--openvino`, CPU device, precision set to
-f32), OpenVINO bf16 (`--openvino --bf16`) and OpenVINO running the INT8 QDQ file (`--openvino --int8`).
+f32), OpenVINO bf16 (`--openvino --bf16`), OpenVINO running the INT8 QDQ file (`--openvino --int8`,
+`openvino_int8_ms`) and NNCF's INT8 IR (`--openvino --int8`, `openvino_nncf_ms`: export.py's default
+INT8 IR, engine.quantize_openvino).
 Each latency column `<x>_ms` comes with `<x>_gflops_s`, the effective throughput GFLOPs / latency
 (INT8 counts the same nominal FLOPs). Also opt-in: detect.py frames/s end to end (model start-up
 included) on a generated 640x480 video of --detect-frames frames (300) with the .pt and, with
 --onnx / --int8 / --openvino, with dynamic-shape exports (letterboxed to 640x480 like the .pt) plus an
-INT8 file exported for exactly 480x640 (`detect_int8_fixed_fps`); the time of one training step
+INT8 file exported for exactly 480x640 (`detect_int8_fixed_fps`) and, with --int8 --openvino, NNCF's INT8
+IR (`detect_nncf_fps`); the time of one training step
 (forward + backward of a stand-in loss at --train-batch) and peak training memory. A measurement that
 fails is logged and its cell says `failed (<error>)`; the other columns are still measured, and the CSV
 is rewritten after every model. Under the table: this machine's measured float32 sgemm throughput
 (torch.mm 2048x2048, 1 and 2 threads) to compare the GFLOP/s with, and with --map-data/--map-weights
 the val mAP50-95 of a trained checkpoint in each precision (eager fp32, bf16 -- emulated and labelled so
 where the CPU lacks native bf16 --, ORT fp32, ORT INT8 calibrated on the dataset's train split,
-OpenVINO fp32, and OpenVINO bf16 where native).
+OpenVINO fp32, OpenVINO INT8 (NNCF, export.py's default INT8 IR, calibrated on the train split) and
+OpenVINO bf16 where native).
 
 Figures from one machine at one moment vary; the ratios to yolov5s (measured in the same run) are what
 to compare. Writes a markdown table (stdout and --out .md) and a CSV (--out .csv).
@@ -34,21 +39,19 @@ to compare. Writes a markdown table (stdout and --out .md) and a CSV (--out .csv
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import logging
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.backbones.plugins import load_plugins
 from models.yolo import DetectionModel
 from utils.allocator import keep_freed_memory
 from utils.general import CONFIGS, resolve_config
@@ -76,79 +79,84 @@ def torch_latency(model: torch.nn.Module, imgsz: int, runs: int, warmup: int) ->
         return median_latency_ms(lambda: model(x), runs, warmup)
 
 
-def export_onnx(model: DetectionModel, imgsz: int, folder: Path) -> Path:
-    """The fused model exported to ONNX at batch 1 (fixed shape) in `folder`."""
-    model = copy.deepcopy(model).eval()
-    model.model[-1].export = True
-    path = folder / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.rand(1, 3, imgsz, imgsz),), str(path), opset_version=17,
-                          input_names=["images"], output_names=["output0"], dynamo=False)
-    return path
+def backend_latency(path: Path, imgsz: int, runs: int, warmup: int, bf16: bool = False,
+                    fuse: bool = True) -> float:
+    """Latency at batch 1 of a weights file run exactly as detect.py and val.py run it (InferenceBackend:
+    the format's own runner, its session settings and thread defaults)."""
+    from engine.backend import InferenceBackend
 
-
-def ort_latency(path: Path, imgsz: int, runs: int, warmup: int, threads: int = 0) -> float:
-    """ONNX Runtime (CPU) latency of an ONNX file at batch 1."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"images": torch.rand(1, 3, imgsz, imgsz).numpy()}
-    return median_latency_ms(lambda: session.run(None, feed), runs, warmup)
-
-
-def onnx_latency(model: DetectionModel, imgsz: int, runs: int, warmup: int, threads: int = 0) -> float:
-    """ONNX Runtime (CPU) latency of the fused model exported at batch 1."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return ort_latency(export_onnx(model, imgsz, Path(tmp)), imgsz, runs, warmup, threads)
-
-
-def int8_latencies(model: DetectionModel, imgsz: int, runs: int, warmup: int, threads: int = 0,
-                   openvino: bool = False) -> dict[str, float]:
-    """ONNX Runtime latency of the INT8 (QDQ) quantisation of the fused export (export.py --int8's
-    settings), calibrated on 4 random images (calibration data does not change the speed), and with
-    `openvino` also OpenVINO's latency on the same QDQ file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        float_file = export_onnx(model, imgsz, Path(tmp))
-        int8_file = _int8_file(float_file, f"/model.{len(model.model) - 1}/", (imgsz, imgsz))
-        times = {"onnx_int8_ms": ort_latency(int8_file, imgsz, runs, warmup, threads)}
-        if openvino:
-            times["openvino_int8_ms"] = openvino_latency(model, imgsz, runs, warmup, threads,
-                                                         onnx_file=int8_file)
-        return times
-
-
-def openvino_latency(model: DetectionModel, imgsz: int, runs: int, warmup: int, threads: int = 0,
-                     precision: str = "f32", onnx_file: Path | None = None) -> float:
-    """OpenVINO (CPU device) latency of the fused model converted from its ONNX export (or of
-    `onnx_file`, e.g. the INT8 QDQ file, which OpenVINO runs with its integer kernels), in OpenVINO's
-    inference precision `precision` ('f32' or 'bf16'; set explicitly: OpenVINO's default is bf16 on
-    CPUs with native bf16)."""
-    import openvino as ov
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ov_model = ov.convert_model(str(onnx_file or export_onnx(model, imgsz, Path(tmp))))
-    config = {"INFERENCE_PRECISION_HINT": precision}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(ov_model, "CPU", config)
-    request = compiled.create_infer_request()
-    x = torch.rand(1, 3, imgsz, imgsz).numpy()
-    return median_latency_ms(lambda: request.infer({0: x}), runs, warmup)
-
-
-def bf16_latency(model: DetectionModel, imgsz: int, runs: int, warmup: int) -> float:
-    """Eager latency under bf16 autocast, Detect head float32 (as InferenceBackend(bf16=True) runs it)."""
-    from engine.backend import keep_float32
-
-    model = copy.deepcopy(model).eval()
-    keep_float32(model.model[-1], "cpu")
+    backend = InferenceBackend(path, device="cpu", bf16=bf16, fuse=fuse)
     x = torch.rand(1, 3, imgsz, imgsz)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        return median_latency_ms(lambda: model(x), runs, warmup)
+    with torch.inference_mode():
+        return median_latency_ms(lambda: backend(x), runs, warmup)
+
+
+def runtime_files(weights: Path, imgsz: int | tuple[int, int], runtimes: Sequence[str], dynamic: bool = False,
+                  int8: bool = False) -> dict[str, Path | str]:
+    """{column: file} of the exports a benchmark times, all written by the project's own exporter and
+    quantisers next to `weights`: one float export per format in `runtimes` (registry names) and, with
+    `int8`, the INT8 model of each INT8-capable format (`<format>_int8`: ONNX Runtime QDQ, and for
+    OpenVINO the QDQ file converted, as 'openvino_int8', and NNCF's quantisation of the float IR, as
+    'openvino_nncf'), calibrated on 4 random images (speed does not depend on calibration). A file
+    that cannot be made is a failed(...) text."""
+    from engine import formats
+    from engine.exporter import export_and_verify
+
+    files: dict[str, Path | str] = {}
+    float_formats = [f for f in formats.exportable() if f in runtimes or (int8 and f == "onnx")]
+    for fmt in float_formats:
+        files[fmt] = _guarded(f"{fmt} export", lambda fmt=fmt: export_and_verify(
+            weights, include=(fmt,), imgsz=imgsz, dynamic=dynamic)[fmt].path)
+    if int8:
+        shape = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+        head_prefix = _head_prefix(weights)
+        files["onnx_int8"] = _guarded("INT8 (QDQ) file",
+                                      lambda: _int8_file(files["onnx"], head_prefix, shape))
+        if "openvino" in runtimes:
+            files["openvino_int8"] = _guarded("INT8 QDQ file in OpenVINO",
+                                              lambda: _qdq_ir(files["onnx_int8"]))
+            files["openvino_nncf"] = _guarded("NNCF INT8 IR", lambda: _nncf_ir(files["openvino"], head_prefix,
+                                                                                shape))
+    return {k: v for k, v in files.items() if k in runtimes or k.endswith(("_int8", "_nncf"))}
+
+
+def _head_prefix(weights: Path) -> str:
+    """The Detect head's node-name prefix in the exported graph ('/model.<last layer>/'), kept float."""
+    from engine.checkpoint import load_detection_model
+
+    return f"/model.{len(load_detection_model(weights, torch.device('cpu'), fuse=False).model) - 1}/"
+
+
+def _qdq_ir(int8_file: Path | str) -> Path:
+    """The QDQ ONNX file converted to an OpenVINO IR folder beside it (export.py --openvino-int8 qdq)."""
+    from engine.formats.onnx import read_onnx_metadata
+    from engine.formats.openvino import write_openvino_from_onnx
+
+    if isinstance(int8_file, str):
+        raise RuntimeError(f"no INT8 ONNX file to convert ({int8_file})")
+    folder = int8_file.with_name(f"{int8_file.stem}_qdq_openvino_model")
+    folder.mkdir(exist_ok=True)
+    write_openvino_from_onnx(int8_file, folder, read_onnx_metadata(int8_file), int8_file.stem)
+    return folder
+
+
+def _nncf_ir(float_ir: Path | str, head_prefix: str, shape: tuple[int, int]) -> Path:
+    """NNCF's INT8 quantisation of the float IR (export.py --openvino-int8 nncf's settings), on 4 random
+    images, in a folder beside it."""
+    from engine.formats.openvino import openvino_model_files, read_openvino_metadata, write_openvino_metadata
+    from engine.quantize_openvino import quantize_openvino_ir
+
+    if isinstance(float_ir, str):
+        raise RuntimeError(f"no float OpenVINO IR to quantise ({float_ir})")
+    rng = np.random.default_rng(0)
+    batches = [rng.random((1, 3, *shape), dtype=np.float32) for _ in range(4)]
+    xml, _ = openvino_model_files(float_ir)
+    folder = float_ir.with_name(f"{xml.stem}_nncf_openvino_model")
+    folder.mkdir(exist_ok=True)
+    settings = quantize_openvino_ir(xml, folder / f"{xml.stem}_int8.xml", batches, head_prefix)
+    meta = {**read_openvino_metadata(float_ir), "precision": "int8", "int8": settings}
+    write_openvino_metadata(folder, meta)
+    return folder
 
 
 def sgemm_gflops(threads: int, size: int = 2048, runs: int = 3) -> float:
@@ -224,6 +232,9 @@ def detect_files(weights: Path, head_prefix: str, runtimes: Sequence[str]) -> di
             fixed, include=("onnx",), imgsz=(480, 640))["onnx"].path)
         files["int8_fixed"] = _guarded("fixed-shape INT8 file for detect.py",
                                        lambda: _int8_file(fixed_onnx, head_prefix, (480, 640)))
+        if "openvino" in runtimes:  # NNCF's INT8 IR of the dynamic float IR (export.py's default INT8 IR)
+            files["nncf"] = _guarded("NNCF INT8 IR for detect.py",
+                                     lambda: _nncf_ir(files["openvino"], head_prefix, (480, 640)))
     if "onnx" not in runtimes:
         files.pop("onnx", None)
     return files
@@ -276,7 +287,7 @@ def detect_fps(model: DetectionModel, frames: int = 300,
 
 NO_NATIVE_BF16 = "n/a (no native bf16)"
 LATENCY_COLUMNS = ("cpu_ms", "cpu_fused_ms", "bf16_ms", "onnx_ms", "onnx_int8_ms", "openvino_ms",
-                   "openvino_bf16_ms", "openvino_int8_ms")
+                   "openvino_bf16_ms", "openvino_int8_ms", "openvino_nncf_ms")
 
 
 def measure(cfg: str, args: argparse.Namespace) -> dict:
@@ -293,27 +304,9 @@ def measure(cfg: str, args: argparse.Namespace) -> dict:
         asked = (("onnx", args.onnx), ("int8", args.int8), ("openvino", args.openvino))
         runtimes = [runtime for runtime, on in asked if on]
         row.update(detect_fps(model, args.detect_frames, runtimes))
+    row.update(runtime_latencies(model, args))  # every runtime timed through detect.py's runners
     model.fuse()
     row["fused_params"] = count_parameters(model)
-    row["cpu_fused_ms"] = torch_latency(model, args.imgsz, args.runs, args.warmup)
-    timing = (args.imgsz, args.runs, args.warmup)
-    native_bf16 = False
-    if args.bf16:
-        from engine.precision import cpu_bf16_support
-
-        native_bf16 = cpu_bf16_support().native
-        row["bf16_ms"] = _guarded("bf16", lambda: bf16_latency(model, *timing)) if native_bf16 \
-            else NO_NATIVE_BF16
-    if args.onnx:
-        row["onnx_ms"] = _guarded("ONNX Runtime", lambda: onnx_latency(model, *timing, args.threads))
-    if args.openvino:
-        row["openvino_ms"] = _guarded("OpenVINO", lambda: openvino_latency(model, *timing, args.threads))
-        if args.bf16:
-            row["openvino_bf16_ms"] = _guarded("OpenVINO bf16", lambda: openvino_latency(
-                model, *timing, args.threads, "bf16")) if native_bf16 else NO_NATIVE_BF16
-    if args.int8:
-        times = _guarded("INT8", lambda: int8_latencies(model, *timing, args.threads, openvino=args.openvino))
-        row.update(times if isinstance(times, dict) else {"onnx_int8_ms": times})
     if args.train_step:
         row["train_step_ms"] = train_step_ms(cfg, args.imgsz, args.train_batch, max(args.runs // 3, 2))
     if args.memory:
@@ -322,6 +315,33 @@ def measure(cfg: str, args: argparse.Namespace) -> dict:
         row["train_peak_mb"] = training_step_peak_memory(cfg, args.imgsz, args.train_batch) / 2**20
     add_throughput(row)
     return row
+
+
+def runtime_latencies(model: DetectionModel, args: argparse.Namespace) -> dict[str, float | str]:
+    """The fused checkpoint and each requested runtime/precision, timed at batch 1 through InferenceBackend
+    (what detect.py and val.py run): cpu_fused_ms, bf16_ms, onnx_ms, onnx_int8_ms, openvino_ms,
+    openvino_bf16_ms, openvino_int8_ms (the QDQ file in OpenVINO) and openvino_nncf_ms (NNCF's INT8 IR)."""
+    from engine.checkpoint import checkpoint_dict, save_checkpoint
+    from engine.precision import cpu_bf16_support
+
+    timing = (args.imgsz, args.runs, args.warmup)
+    native_bf16 = args.bf16 and cpu_bf16_support().native
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = save_checkpoint(checkpoint_dict(model), Path(tmp) / "model.pt")
+        row: dict[str, float | str] = {"cpu_fused_ms": backend_latency(weights, *timing)}
+        if args.bf16:
+            row["bf16_ms"] = _guarded("bf16", lambda: backend_latency(weights, *timing, bf16=True)) \
+                if native_bf16 else NO_NATIVE_BF16
+        runtimes = [name for name, on in (("onnx", args.onnx), ("openvino", args.openvino)) if on]
+        files = runtime_files(weights, args.imgsz, runtimes, int8=args.int8)
+        for name, path in files.items():
+            row[f"{name}_ms"] = path if isinstance(path, str) else _guarded(
+                name, lambda path=path: backend_latency(path, *timing))
+        if args.openvino and args.bf16:
+            ir = files.get("openvino")
+            row["openvino_bf16_ms"] = NO_NATIVE_BF16 if not native_bf16 else ir if isinstance(ir, str) else \
+                _guarded("OpenVINO bf16", lambda: backend_latency(ir, *timing, bf16=True))
+        return row
 
 
 def add_throughput(row: dict) -> None:
@@ -370,12 +390,13 @@ def precision_maps(weights: str, data: str, imgsz: int, workers: int = 0) -> lis
         maps = [("eager fp32", val(local)), ("eager bf16" + ("" if native else " (emulated)"), bf16),
                 ("ONNX Runtime fp32", int8["map_float"]),
                 (f"ONNX Runtime INT8 (ops '{int8['ops']}')", int8["map_int8"])]
-        try:
-            exported = export_and_verify(local, include=("openvino",), imgsz=imgsz, dynamic=True)
-            folder = exported["openvino"].path
+        try:  # the float IR and NNCF's INT8 IR (export.py's default), both validated by the INT8 gate
+            exported = export_and_verify(local, include=("openvino",), imgsz=imgsz, dynamic=True, int8=True,
+                                         data=data, int8_tolerance=float("inf"), workers=workers)
+            folder, nncf = exported["openvino"].path, exported["openvino_int8"].metrics
         except Exception as err:  # noqa: BLE001 -- the other precisions are still worth reporting
             return [*maps, ("OpenVINO fp32", failed("dynamic OpenVINO export", err))]
-        maps.append(("OpenVINO fp32", val(folder)))
+        maps += [("OpenVINO fp32", nncf["map_float"]), (f"OpenVINO INT8 ({nncf['ops']})", nncf["map_int8"])]
         if native:  # OpenVINO does not emulate bf16
             maps.append(("OpenVINO bf16", val(folder, bf16=True)))
         return maps
@@ -425,14 +446,20 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plugin", nargs="+", default=[], metavar="FILE",
+                   help="Python file(s) that register backbones (docs/bring-a-backbone.md)")
     p.add_argument("--cfg", nargs="+", default=None,
                    help="model YAMLs (default: every configs/models/*.yaml)")
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--runs", type=int, default=10, help="timed runs per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); exports run with their runtime's defaults, "
+                        "as detect.py runs them")
     p.add_argument("--onnx", action="store_true", help="also time the fused ONNX export with ONNX Runtime")
-    p.add_argument("--int8", action="store_true", help="also time its INT8 (QDQ) model with ONNX Runtime")
+    p.add_argument("--int8", action="store_true",
+                   help="also time its INT8 (QDQ) model with ONNX Runtime; with --openvino also the QDQ file "
+                        "in OpenVINO and NNCF's INT8 IR")
     p.add_argument("--openvino", action="store_true", help="also time the fused model with OpenVINO (CPU)")
     p.add_argument("--bf16", action="store_true",
                    help="also time eager bf16 autocast (where the CPU has native bf16; else n/a)")
@@ -446,6 +473,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true",
                    help="also measure peak training memory (engine/memory.py)")
     p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--train-speed", action="store_true",
+                   help="only measure training images/s of the trainer step per --variants (engine/train_speed.py)")
+    p.add_argument("--variants", nargs="+", default=["fp32", "channels-last", "compile", "bf16"],
+                   help="--train-speed variants: fp32 channels-last compile channels-last+compile bf16 "
+                        "bf16+channels-last")
+    p.add_argument("--steps", type=int, default=20, help="--train-speed: timed steps per variant")
+    p.add_argument("--device", default="cpu", help="--train-speed: cpu or a CUDA index such as 0")
     p.add_argument("--loader", default="",
                    help="dataset YAML: also report loader images/s (mosaic, 2 workers)")
     p.add_argument("--out", default="benchmarks", help="write <out>.md and <out>.csv")
@@ -455,11 +489,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    load_plugins(vars(args).pop("plugin"))
     keep_freed_memory()  # steady eager timings (utils/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfgs = [str(resolve_config(c, "models")) for c in args.cfg] if args.cfg else \
         sorted(str(p) for p in (CONFIGS / "models").glob("*.yaml"))
+    if args.train_speed:  # a separate table: the trainer's step per speed option
+        from engine.train_speed import train_speed_report
+
+        return train_speed_report(cfgs, args)
     if not any(Path(c).name == REFERENCE for c in cfgs):
         cfgs.insert(0, str(resolve_config(REFERENCE, "models")))  # ratios need the reference
     if bool(args.map_data) != bool(args.map_weights):
@@ -490,4 +529,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli import run_cli
+
+    run_cli(main)  # user errors: one message, exit 1 (--verbose: traceback)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
+from engine.cli import traceback_requested
 from engine.predictor import run
+from models.backbones.plugins import load_plugins
 from utils.allocator import keep_freed_memory
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
@@ -30,6 +31,8 @@ LOGGER = logging.getLogger(f"vitdet.{__name__}")
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plugin", nargs="+", default=[], metavar="FILE",
+                        help="Python file(s) that register backbones (docs/bring-a-backbone.md)")
     parser.add_argument("--weights", nargs="+", required=True,
                         help="model: .pt checkpoint, .torchscript or .onnx; several .pt files run as an ensemble")
     parser.add_argument("--source", type=str, required=True,
@@ -59,21 +62,29 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast of a .pt model (CPUs with native bf16: AVX-512 BF16 or AMX)")
     parser.add_argument("--vid-stride", type=int, default=1, help="use every n-th video frame")
+    parser.add_argument("--profile", action="store_true",
+                        help="log one line of per-frame stage times (read, wait, pre-process, inference, "
+                             "NMS, draw/write) and the wall time at the end")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = parse_opt(argv)
+    load_plugins(vars(opt).pop("plugin"))
     keep_freed_memory()  # steady eager inference speed (utils/allocator.py)
     opt.weights = opt.weights[0] if len(opt.weights) == 1 else opt.weights
     try:
         run(**vars(opt))
     except (FileNotFoundError, ValueError, ConnectionError) as err:
+        if traceback_requested():  # --verbose / VITDET_TRACEBACK=1 (engine/cli.py)
+            raise
         LOGGER.error(f"detect.py: {err}")
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli import run_cli
+
+    run_cli(main)  # user errors: one message, exit 1 (--verbose: traceback)

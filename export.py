@@ -4,7 +4,8 @@
     python export.py --weights best.pt --include onnx --dynamic --simplify
     python export.py --weights best.pt --include onnx --int8 --data bccd.yaml --calib 100
     python export.py --weights best.pt --include openvino
-    python export.py --weights best.pt --include onnx openvino --int8 --data bccd.yaml   # + INT8 IR
+    python export.py --weights best.pt --include openvino --int8 --data bccd.yaml   # NNCF INT8 IR
+    python export.py --weights best.pt --include onnx --imgsz 480 640 --int8 --data bccd.yaml  # 640x480
 
 Exports the fused/reparameterised model next to the weights (best.torchscript, best.onnx,
 best_openvino_model/), with stride and class names in the file's metadata. Every export is run on a
@@ -19,19 +20,34 @@ the export (exit status 1, no INT8 file). --int8-ops picks what is quantised: 'f
 ops between them: the fastest), 'conv' (convs and linear layers only), or 'auto' (default: 'full', and
 'conv' when 'full' fails the tolerance). detect.py / val.py run best_int8.onnx like any ONNX file, and
 best_openvino_model/ like any other weights (--bf16 runs it in OpenVINO's bf16 precision).
---include onnx openvino --int8 also converts the accepted best_int8.onnx into best_int8_openvino_model/
-(OpenVINO runs the quantised ops in int8; often faster than ONNX Runtime on the same file), validated and
-gated against the float mAP in the same way.
+--include openvino --int8 writes best_int8_openvino_model/: by default (--openvino-int8 nncf) NNCF
+post-training quantisation of the float IR (calibrated on the same letterboxed train images, the Detect
+head's box decoding kept in float, NNCF's transformer model type for backbones with attention), gated
+against the float IR's val mAP50-95; --openvino-int8 qdq instead converts the accepted best_int8.onnx
+(needs onnx in --include). The exporter prints which one it wrote.
+--imgsz H W exports a static H x W (e.g. 480 640 for a 640x480 camera); val.py then letterboxes every
+image to exactly H x W, and detect.py feeds it frames letterboxed to that shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from engine.exporter import DEFAULT_OPSET, FORMATS, INT8_OPS, ExportError, export_and_verify
+from engine.cli import traceback_requested
+from engine.exporter import (
+    DEFAULT_OPENVINO_INT8,
+    DEFAULT_OPSET,
+    FORMATS,
+    INT8_OPS,
+    OPENVINO_INT8_METHODS,
+    ExportError,
+    ExportOptions,
+    export_and_verify,
+)
 from engine.quantize import DEFAULT_CALIB_IMAGES, DEFAULT_INT8_TOLERANCE
+from engine.quantize_openvino import DEFAULT_PRESET, PRESETS
+from models.backbones.plugins import load_plugins
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
@@ -40,6 +56,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=str, required=True, help="checkpoint (.pt) to export")
+    parser.add_argument("--plugin", nargs="+", default=[], metavar="FILE",
+                        help="Python file(s) that register backbones (docs/bring-a-backbone.md)")
     parser.add_argument("--include", nargs="+", default=["torchscript", "onnx"],
                         help=f"formats: {', '.join(FORMATS)} (openvino needs the openvino package)")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640, 640],
@@ -51,7 +69,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--half", action="store_true", help="float16 export (CUDA devices only)")
     parser.add_argument("--device", default="cpu", help="cpu or a CUDA index such as 0")
     parser.add_argument("--int8", action="store_true",
-                        help="also write <stem>_int8.onnx: static INT8 quantisation (needs onnx and --data)")
+                        help="also write INT8 models: <stem>_int8.onnx (with onnx) and "
+                             "<stem>_int8_openvino_model/ (with openvino); needs --data")
     parser.add_argument("--data", default="", help="--int8: dataset YAML (train: calibration, val: check)")
     parser.add_argument("--calib", type=int, default=DEFAULT_CALIB_IMAGES,
                         help="--int8: number of calibration images from the train split (all if fewer)")
@@ -59,30 +78,46 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                         help="--int8: 'full' quantises convs and the ops between them (fastest), 'conv' "
                              "only convs/linear layers; 'auto': 'full', or 'conv' if 'full' fails")
     parser.add_argument("--int8-tolerance", type=float, default=DEFAULT_INT8_TOLERANCE,
-                        help="--int8: largest allowed mAP50-95 drop (absolute) versus the float ONNX model")
+                        help="--int8: largest allowed mAP50-95 drop (absolute) versus the float model")
+    parser.add_argument("--openvino-int8", choices=OPENVINO_INT8_METHODS, default=DEFAULT_OPENVINO_INT8,
+                        help="--int8 with openvino: 'nncf' quantises the float IR with NNCF (default), "
+                             "'qdq' converts the INT8 ONNX file (needs onnx in --include)")
+    parser.add_argument("--int8-preset", choices=PRESETS, default=DEFAULT_PRESET,
+                        help="--int8 --openvino-int8 nncf: NNCF preset (mixed: asymmetric activations)")
     return parser.parse_args(argv)
+
+
+def export_options(opt: argparse.Namespace) -> ExportOptions:
+    """export.py's flags as the exporter's options."""
+    return ExportOptions(include=opt.include, imgsz=opt.imgsz, batch_size=opt.batch_size, dynamic=opt.dynamic,
+                         opset=opt.opset, simplify=opt.simplify, half=opt.half, device=opt.device,
+                         int8=opt.int8, data=opt.data or None, calib=opt.calib,
+                         int8_tolerance=opt.int8_tolerance, int8_ops=opt.int8_ops,
+                         openvino_int8=opt.openvino_int8, int8_preset=opt.int8_preset)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = parse_opt(argv)
+    load_plugins(vars(opt).pop("plugin"))
     try:
-        results = export_and_verify(
-            opt.weights, include=opt.include, imgsz=opt.imgsz, batch_size=opt.batch_size, dynamic=opt.dynamic,
-            opset=opt.opset, simplify=opt.simplify, half=opt.half, device=opt.device, int8=opt.int8,
-            data=opt.data or None, calib=opt.calib, int8_tolerance=opt.int8_tolerance,
-            int8_ops=opt.int8_ops)
+        results = export_and_verify(opt.weights, export_options(opt))
     except (ExportError, FileExistsError, FileNotFoundError, ValueError) as err:
+        if traceback_requested():  # --verbose / VITDET_TRACEBACK=1 (engine/cli.py)
+            raise
         LOGGER.error(f"export failed: {err}")
         return 1
     for fmt, runtime in (("onnx_int8", "ONNX Runtime"), ("openvino_int8", "OpenVINO")):
         if fmt in results:
             m = results[fmt].metrics
-            LOGGER.info(f"INT8 in {runtime} (ops '{m['ops']}'): val mAP50-95 {m['map_int8']:.4f} (float ONNX "
-                        f"{m['map_float']:.4f}, drop {m['drop']:+.4f}, tolerance {opt.int8_tolerance:g})")
+            LOGGER.info(f"INT8 in {runtime} ({m['method']}, ops '{m['ops']}'): val mAP50-95 "
+                        f"{m['map_int8']:.4f} (float {m['map_float']:.4f}, drop {m['drop']:+.4f}, "
+                        f"tolerance {opt.int8_tolerance:g})")
     LOGGER.info("Export complete: " + ", ".join(str(r.path) for r in results.values()))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli import run_cli
+
+    run_cli(main)  # user errors: one message, exit 1 (--verbose: traceback)

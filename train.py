@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from engine.checkpoint import load_checkpoint
 from engine.evolve import evolve
 from engine.trainer import Trainer, TrainOptions, distributed_env
+from models.backbones.plugins import load_plugins
 from utils.general import increment_path, resolve_config, yaml_load
 from utils.hyp import check_hyp
 from utils.torch_utils import select_device
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-weights-partial", action="store_true",
                    help="accept a --backbone-weights file that leaves backbone tensors without a value")
     p.add_argument("--cfg", default="", help="model YAML (bare names resolve in configs/models/)")
+    p.add_argument("--plugin", nargs="+", default=[], metavar="FILE",
+                   help="Python file(s) that register backbones (docs/bring-a-backbone.md)")
     p.add_argument("--data", default="builtin.yaml", help="dataset YAML (default: the built-in dataset)")
     p.add_argument("--hyp", default="hyp.scratch-low.yaml", help="hyperparameter YAML")
     p.add_argument("--epochs", type=int, default=100)
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quad", action="store_true",
                    help="quad dataloader: 4 images of a batch become one at 2x size (batch a multiple of 4)")
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
-    p.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW"])
+    p.add_argument("--optimizer", default="auto", choices=["auto", "SGD", "Adam", "AdamW"],
+                   help="auto: AdamW (lr from the class count) for short schedules, SGD (hyp lr0) for long")
     p.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
     p.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
@@ -65,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns on CPU)")
     p.add_argument("--amp", action="store_true", help="CPU: bf16 autocast (native bf16 only)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and images in channels-last memory format (measure: benchmarks --train-speed)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (slow start; falls back to eager if it fails)")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     p.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
@@ -149,7 +156,9 @@ def new_run_options(opt: argparse.Namespace, rank: int) -> TrainOptions:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
-    opt = check_opt(parser, parser.parse_args(argv))
+    opt = parser.parse_args(argv)
+    load_plugins(vars(opt).pop("plugin"))  # before any model YAML is read
+    opt = check_opt(parser, opt)
     local_rank, rank, world = distributed_env()
     if opt.evolve and opt.project == "runs/train":
         opt.project = "runs/evolve"  # YOLOv5's folder for evolutions
@@ -197,4 +206,6 @@ def _shared_save_dir(save_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli import run_cli
+
+    run_cli(main)  # user errors: one message, exit 1 (--verbose: traceback)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
+from engine.cli import traceback_requested
 from engine.evaluation import TASKS, EvalOptions, evaluate, study
 from engine.validator import ValResults
+from models.backbones.plugins import load_plugins
 from utils.allocator import keep_freed_memory
 from utils.general import yaml_save
 
@@ -23,6 +24,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="builtin.yaml",
                    help="dataset YAML (bare names resolve in configs/data/)")
+    p.add_argument("--plugin", nargs="+", default=[], metavar="FILE",
+                   help="Python file(s) that register backbones (docs/bring-a-backbone.md)")
     p.add_argument("--weights", nargs="+", default=["best.pt"],
                    help="checkpoint .pt, .torchscript, .onnx (also _int8.onnx) or an _openvino_model folder; "
                         "several .pt run as one ensemble")
@@ -75,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     --device this machine lacks), a missing file or a dataset/model mismatch, as detect.py does."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = parse_opt(argv)
+    load_plugins(vars(opt).pop("plugin"))
     keep_freed_memory()  # steady eager inference speed (utils/allocator.py)
     try:
         _validate_all(opt)
     except (FileNotFoundError, ValueError) as err:
+        if traceback_requested():  # --verbose / VITDET_TRACEBACK=1 (engine/cli.py)
+            raise
         LOGGER.error(f"val.py: {err}")
         return 1
     return 0
@@ -97,4 +103,6 @@ def _validate_all(opt: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.cli import run_cli
+
+    run_cli(main)  # user errors: one message, exit 1 (--verbose: traceback)

@@ -129,21 +129,30 @@ def create_dataloader(
         seed=seed + seed_offset,
     )  # fmt: skip
     batch_size = min(batch_size, len(dataset))
-    devices = max(torch.cuda.device_count(), 1)
-    n_workers = min((os.cpu_count() or 1) // devices, batch_size if batch_size > 1 else 0, workers)
     sampler = _sampler(dataset, batch_size, rank, shuffle, rect, seed)
+    return _loader(dataset, batch_size, sampler, shuffle, workers, quad, seed + seed_offset), dataset
+
+
+def _worker_count(batch_size: int, workers: int) -> int:
+    """Workers capped by the CPUs per GPU and by the batch size (none for batches of one)."""
+    devices = max(torch.cuda.device_count(), 1)
+    return min((os.cpu_count() or 1) // devices, batch_size if batch_size > 1 else 0, workers)
+
+
+def _loader(dataset: LoadImagesAndLabels, batch_size: int, sampler, shuffle: bool, workers: int, quad: bool,
+            seed: int) -> DataLoader:
+    """The DataLoader over `dataset`, its worker seeds a function of `seed` (this process's seed)."""
     generator = torch.Generator()
-    generator.manual_seed(GENERATOR_OFFSET + seed + seed_offset)
-    loader = DataLoader(
+    generator.manual_seed(GENERATOR_OFFSET + seed)
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
-        num_workers=n_workers,
+        num_workers=_worker_count(batch_size, workers),
         pin_memory=torch.cuda.is_available(),
         collate_fn=LoadImagesAndLabels.collate_fn4 if quad else LoadImagesAndLabels.collate_fn,
         worker_init_fn=seed_worker,
         generator=generator,
         persistent_workers=False,  # fresh workers each epoch see the dataset's current epoch
     )
-    return loader, dataset

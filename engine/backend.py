@@ -27,116 +27,40 @@ so callers may batch freely.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from engine import formats
+from engine.formats import onnx as onnx_format
+from engine.formats.onnx import read_onnx_metadata  # noqa: F401 (re-exported)
+from engine.formats.openvino import SUFFIX as OPENVINO_SUFFIX
+from engine.formats.openvino import openvino_model_files, read_openvino_metadata  # noqa: F401 (re-exported)
+from engine.formats.pytorch import PyTorchRunner, keep_float32  # noqa: F401 (re-exported)
+from engine.formats.torchscript import METADATA_FILE as TORCHSCRIPT_METADATA  # noqa: F401 (re-exported)
+from engine.formats.torchscript import read_torchscript_metadata  # noqa: F401 (re-exported)
 from utils.torch_utils import select_device
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
-KINDS = {".pt": "pytorch", ".torchscript": "torchscript", ".onnx": "onnx", ".xml": "openvino"}
-OPENVINO_SUFFIX = "_openvino_model"  # export.py --include openvino writes <stem>_openvino_model/
-TORCHSCRIPT_METADATA = "config.txt"  # name of the TorchScript extra file holding the JSON metadata
 TTA_SCALES = (1.0, 0.83, 0.67)  # YOLOv5's test-time augmentation: scales ...
 TTA_FLIPS = (None, 3, None)  # ... and flips (3 = left-right on a (B, C, H, W) tensor)
 TTA_PAD_VALUE = 0.447  # grey fill of the padding after down-scaling (YOLOv5's ImageNet-mean value)
 
 
-# -- metadata of exported files ----------------------------------------------------------------------
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON-decoded `metadata_props` of an ONNX file ({} when it has none)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return _decode_metadata({p.key: p.value for p in model.metadata_props})
+# -- formats (engine.formats); names kept here for the callers that import them from the backend ------
+_OnnxRunner = onnx_format.OnnxRunner  # the class itself (tests patch its __call__)
+KINDS = {fmt.suffix: name for name, fmt in formats.FORMATS.items() if not fmt.is_dir}
 
 
-def read_torchscript_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata stored as `extra/config.txt` in a TorchScript archive ({} when absent).
-
-    Read straight from the zip archive, so checking a file never deserialises its code.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(f"/extra/{TORCHSCRIPT_METADATA}")]
-            if not names:
-                return {}
-            text = archive.read(names[0]).decode("utf-8")
-    except zipfile.BadZipFile as err:
-        raise ValueError(f"{path}: not a TorchScript archive ({err})") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: extra/{TORCHSCRIPT_METADATA} is not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: extra/{TORCHSCRIPT_METADATA} must hold a JSON object, "
-                         f"found {type(data).__name__}")
-    return data
-
-
-def openvino_model_files(path: str | Path) -> tuple[Path, Path]:
-    """(IR .xml, metadata.yaml) of an OpenVINO export given as its folder or its .xml file."""
-    path = Path(path)
-    if path.is_dir():
-        xmls = sorted(path.glob("*.xml"))
-        if len(xmls) != 1:
-            raise FileNotFoundError(f"{path}: expected one OpenVINO .xml model in the folder, found "
-                                    f"{len(xmls)}")
-        return xmls[0], path / "metadata.yaml"
-    return path, path.parent / "metadata.yaml"
-
-
-def read_openvino_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata.yaml beside an OpenVINO IR (folder or .xml); {} when absent."""
-    import yaml
-
-    meta_file = openvino_model_files(path)[1]
-    if not meta_file.is_file():
-        return {}
-    meta = yaml.safe_load(meta_file.read_text())
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_file}: must hold a mapping, found {type(meta).__name__}")
-    return meta
-
-
-def _decode_metadata(props: dict[str, str]) -> dict[str, Any]:
-    """ONNX metadata values are strings; ours are JSON. A value that is not JSON is kept as text."""
-    decoded = {}
-    for key, value in props.items():
-        try:
-            decoded[key] = json.loads(value)
-        except json.JSONDecodeError:
-            decoded[key] = value
-    return decoded
-
-
-def _names_from_metadata(meta: dict[str, Any], nc: int | None, path: Path) -> list[str]:
-    names = meta.get("names")
-    if isinstance(names, dict):  # {id: name}, as some YOLOv5 exports write it
-        names = [names[k] for k in sorted(names, key=int)]
-    if isinstance(names, list) and all(isinstance(n, str) for n in names):
-        return names
-    count = nc if nc is not None else 0
-    LOGGER.warning(f"{path}: no class names in the file's metadata; using '0'..'{max(count - 1, 0)}'")
-    return [str(i) for i in range(count)]
-
-
-def _stride_from_metadata(meta: dict[str, Any], path: Path) -> int:
-    stride = meta.get("stride")
-    if isinstance(stride, (list, tuple)):
-        stride = max(stride)
-    if isinstance(stride, (int, float)) and stride >= 1:
-        return int(stride)
-    LOGGER.warning(f"{path}: no stride in the file's metadata; assuming 32")
-    return 32
+def weights_kind(path: Path) -> str | None:
+    """The registry name of the format of `path` ('pytorch', 'onnx', 'openvino', ...); None if unknown."""
+    fmt = formats.format_of(Path(path))
+    return fmt.name if fmt else None
 
 
 # -- image size helpers ------------------------------------------------------------------------------
@@ -163,171 +87,6 @@ def scale_image(im: torch.Tensor, ratio: float, stride: int = 32) -> torch.Tenso
     im = F.interpolate(im, size=(new_h, new_w), mode="bilinear", align_corners=False)
     padded_h, padded_w = (int(math.ceil(s * ratio / stride) * stride) for s in (h, w))
     return F.pad(im, [0, padded_w - new_w, 0, padded_h - new_h], value=TTA_PAD_VALUE)
-
-
-# -- the runners, one per kind ------------------------------------------------------------------------
-class _PyTorchRunner:
-    """One of our checkpoints, rebuilt as a DetectionModel (EMA weights when present)."""
-
-    def __init__(self, path: Path, device: torch.device, fp16: bool, fuse: bool, bf16: bool = False):
-        from engine.checkpoint import load_detection_model
-
-        model = load_detection_model(path, device, fuse=False)
-        if fuse:
-            with torch.no_grad():  # folding must not record autograd history into the new weights
-                model.fuse()
-        self.model = model.half() if fp16 else model.float()
-        detect = self.model.model[-1]
-        self.strides = [int(s) for s in detect.stride]
-        self.anchors_per_cell = int(detect.na)
-        self.stride = int(max(self.strides))
-        self.names = [str(n) for n in self.model.names]
-        self.dynamic, self.fixed_shape, self.fp16, self.bf16 = True, None, fp16, bf16
-        self.input_dtype = torch.float16 if fp16 else torch.float32
-        self.device_type = device.type
-        if bf16:
-            keep_float32(detect, device.type)
-
-    def __call__(self, im: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(im)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def keep_float32(module: torch.nn.Module, device_type: str) -> None:
-    """Run `module` (the Detect head) in float32 inside a bf16 autocast region: its 1x1 output convs
-    and the box decoding (pixel coordinates up to the image size; bf16 would round 600 px to 4 px)."""
-    forward = module.forward
-
-    def float_forward(x):
-        with torch.autocast(device_type, enabled=False):
-            return forward([t.float() for t in x])
-
-    module.forward = float_forward
-
-
-class _TorchScriptRunner:
-    """A TorchScript file written by export.py (or any traced model with the same output)."""
-
-    def __init__(self, path: Path, device: torch.device, fp16: bool):
-        meta = read_torchscript_metadata(path)
-        with warnings.catch_warnings():  # torch.jit is deprecated upstream; the file format still works
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            model = torch.jit.load(str(path), map_location=device)
-        self.model = (model.half() if fp16 else model.float()).eval()
-        self.stride = _stride_from_metadata(meta, path)
-        self.names = _names_from_metadata(meta, meta.get("nc"), path)
-        self.dynamic = bool(meta.get("dynamic", False))
-        self.fixed_shape = None if self.dynamic else _fixed_shape_from_metadata(meta, path)
-        self.fp16 = fp16
-        self.input_dtype = torch.float16 if fp16 else torch.float32
-
-    def __call__(self, im: torch.Tensor) -> torch.Tensor:
-        out = self.model(im)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _fixed_shape_from_metadata(meta: dict[str, Any], path: Path) -> tuple[int, int, int] | None:
-    shape = meta.get("shape")  # [B, 3, H, W] of the export
-    if isinstance(shape, list) and len(shape) == 4 and all(isinstance(s, int) for s in shape):
-        return shape[0], shape[2], shape[3]
-    LOGGER.warning(f"{path}: no input shape in the metadata; any input size will be tried")
-    return None
-
-
-class _OnnxRunner:
-    """An ONNX file run by onnxruntime (CUDA provider when the device is CUDA and ORT offers it)."""
-
-    def __init__(self, path: Path, device: torch.device, fp16: bool):
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-        elif device.type == "cuda":
-            LOGGER.warning("onnxruntime has no CUDA provider here; running the ONNX model on the CPU")
-        self.session = ort.InferenceSession(str(path), providers=providers)
-        meta = _decode_metadata(self.session.get_modelmeta().custom_metadata_map)
-        model_input, model_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.input_name = model_input.name
-        self.stride = _stride_from_metadata(meta, path)
-        out_dim = model_output.shape[-1] if model_output.shape else None
-        nc = out_dim - 5 if isinstance(out_dim, int) else meta.get("nc")
-        self.names = _names_from_metadata(meta, nc, path)
-        dims = model_input.shape  # ints for fixed axes, strings (or None) for dynamic ones
-        self.dynamic = not all(isinstance(d, int) for d in dims)
-        self.fixed_shape = None if self.dynamic else (dims[0], dims[2], dims[3])
-        self.fp16 = model_input.type == "tensor(float16)"
-        if fp16 and not self.fp16:
-            LOGGER.warning(f"{path} takes float32 input; fp16 ignored (export with --half for an fp16 model)")
-        self.input_dtype = torch.float16 if self.fp16 else torch.float32
-        self.meta_precision = meta.get("precision")
-        _warn_full_range_int8(meta, path)
-
-    def __call__(self, im: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: im.detach().cpu().numpy()})[0]
-        return torch.from_numpy(out).to(im.device)
-
-
-def _warn_full_range_int8(meta: dict[str, Any], path: Path) -> None:
-    """An INT8 file quantised with 8-bit weights (on a VNNI CPU) may saturate onnxruntime's 16-bit
-    pair sums on a CPU without VNNI: say so, rather than lose accuracy silently."""
-    from engine.precision import cpu_has_vnni
-
-    settings = meta.get("int8")
-    if isinstance(settings, dict) and settings.get("reduce_range") is False and not cpu_has_vnni():
-        LOGGER.warning(f"{path}: INT8 weights use the full 8-bit range (quantised on a CPU with VNNI); "
-                       f"this CPU has no VNNI, where onnxruntime's integer kernels can saturate and lose "
-                       f"accuracy. Re-export with --int8 on this machine (it then uses 7-bit weights) and "
-                       f"check the mAP")
-
-
-class _OpenVINORunner:
-    """An OpenVINO IR written by export.py (`<stem>_openvino_model/`), compiled for OpenVINO's CPU device
-    in float32, or with bf16=True in OpenVINO's bf16 inference precision. The precision is always set:
-    OpenVINO's own default on CPUs with native bf16 (AVX-512 BF16, AMX) is bf16, which would make a
-    float32 export silently differ from its model by bf16 rounding."""
-
-    def __init__(self, path: Path, device: torch.device, bf16: bool = False):
-        import openvino as ov
-
-        if device.type != "cpu":
-            LOGGER.warning(f"{path}: OpenVINO runs on its CPU device here; outputs are moved to {device}")
-        xml, _ = openvino_model_files(path)
-        meta = read_openvino_metadata(path)
-        core = ov.Core()
-        model = core.read_model(str(xml))
-        hint = "bf16" if bf16 else "f32"
-        self.model = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-        self.request = self.model.create_infer_request()
-        self.stride = _stride_from_metadata(meta, path)
-        out_dim = model.output(0).get_partial_shape()[-1]
-        nc = out_dim.get_length() - 5 if out_dim.is_static else meta.get("nc")
-        self.names = _names_from_metadata(meta, nc, path)
-        self.dynamic = model.input(0).get_partial_shape().is_dynamic
-        self.fixed_shape = None if self.dynamic else _fixed_shape_from_metadata(meta, path)
-        self.fp16, self.input_dtype = False, torch.float32
-        self.meta_precision = "bf16" if bf16 else meta.get("precision")
-
-    def __call__(self, im: torch.Tensor) -> torch.Tensor:
-        self.request.infer({0: im.detach().cpu().float().numpy()})
-        out = torch.from_numpy(self.request.get_output_tensor(0).data.copy())
-        return out.to(im.device)
-
-
-def weights_kind(path: Path) -> str | None:
-    """'pytorch', 'torchscript', 'onnx' or 'openvino' by the file (or folder) name; None if unknown."""
-    if path.name.endswith(OPENVINO_SUFFIX) or (path.is_dir() and any(path.glob("*.xml"))):
-        return "openvino"
-    return KINDS.get(path.suffix)
-
-
-def _precision_of(runner, meta_precision: str | None) -> str:
-    if getattr(runner, "bf16", False):
-        return "bf16"
-    if meta_precision:
-        return str(meta_precision)
-    return "fp16" if runner.fp16 else "fp32"
 
 
 # -- the front ----------------------------------------------------------------------------------------
@@ -360,41 +119,59 @@ class InferenceBackend:
                  fuse: bool = True, bf16: bool = False, allow_emulated_bf16: bool = False):
         paths = [Path(w) for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
         for path in paths:
-            if weights_kind(path) is None:
+            fmt = formats.format_of(path)
+            if fmt is None:
                 raise ValueError(f"weights {path}: unsupported format '{path.suffix}'; expected one of "
                                  f"{', '.join(KINDS)} or a *{OPENVINO_SUFFIX}/ folder (our checkpoints, "
                                  f"TorchScript, ONNX or OpenVINO exports)")
-            if not (path.exists() if weights_kind(path) == "openvino" else path.is_file()):
+            if not fmt.exists(path):
                 raise FileNotFoundError(f"weights not found: {path}")
         self.device = select_device(device)
         if fp16 and self.device.type == "cpu":
             raise ValueError("fp16 (--half) needs a CUDA device; float16 inference is not supported on "
                              "the CPU")
-        self.weights, self.kind = paths[0], weights_kind(paths[0])
+        self.format = formats.format_of(paths[0])
         self.bf16_emulated = bf16 and _check_bf16(paths, self.device, fp16, allow_emulated_bf16)
-        self._runners = _make_runners(paths, self.device, fp16, fuse, bf16)
-        self._runner = self._runners[0]
-        self.stride = max(r.stride for r in self._runners)
-        self.names = self._runner.names
-        self.dynamic, self.fixed_shape = self._runner.dynamic, self._runner.fixed_shape
-        self.fp16 = self._runner.fp16
-        self.precision = _precision_of(self._runner, getattr(self._runner, "meta_precision", None))
+        runners = _make_runners(paths, self.device, formats.RunOptions(fp16, fuse, bf16))
+        self._attach(paths[0], self.format, runners)
         what = f"an ensemble of {len(paths)} models" if len(paths) > 1 else self.kind
         how = f", {self.precision}{' (emulated)' if self.bf16_emulated else ''}"
         LOGGER.info(f"Loaded {', '.join(map(str, paths))} ({what}{how}, stride {self.stride}, "
                     f"{len(self.names)} classes, "
                     f"{'dynamic' if self.dynamic else f'fixed input {self.fixed_shape}'})")
 
+    def _attach(self, weights: Path | str, fmt: formats.Format, runners: list) -> None:
+        """Take the attributes of the loaded runner(s)."""
+        self.weights, self.format, self.kind = weights, fmt, fmt.name
+        self._runners, self._runner = runners, runners[0]
+        self.stride = max(r.stride for r in runners)
+        self.names = self._runner.names
+        self.dynamic, self.fixed_shape = self._runner.dynamic, self._runner.fixed_shape
+        self.fp16, self.precision = self._runner.fp16, self._runner.precision
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, device: str | torch.device = "") -> InferenceBackend:
+        """A DetectionModel that is not in a file (a hub entry point without weights), run float32 through
+        the PyTorch format's runner (any input size; no test-time augmentation: it needs a checkpoint)."""
+        backend = cls.__new__(cls)
+        backend.device, backend.bf16_emulated = select_device(device), False
+        runner = PyTorchRunner(model.to(backend.device).eval(), backend.device)
+        name = f"<{model.yaml.get('yaml_file', 'model')} in memory>"
+        backend._attach(name, formats.get("pytorch"), [runner])
+        backend.in_memory = True
+        return backend
+
+    in_memory = False  # True for from_model
+
     @property
     def model(self):
         """The underlying DetectionModel, ScriptModule, onnxruntime session or OpenVINO CompiledModel."""
-        runner = self._runner
-        return runner.session if isinstance(runner, _OnnxRunner) else runner.model
+        return self._runner.model
 
     def warmup(self, imgsz: tuple[int, int, int, int] = (1, 3, 640, 640)) -> None:
         """One forward on zeros (the exported shape for fixed-shape files) so the first real image is
-        not charged for lazy initialisation. Skipped for PyTorch on the CPU, where there is none."""
-        if self.kind == "pytorch" and self.device.type == "cpu":
+        not charged for lazy initialisation. Skipped where the format has none (eager PyTorch on the CPU)."""
+        if not self.format.capabilities.lazy_init and self.device.type == "cpu":
             return
         if self.fixed_shape is not None:
             imgsz = (self.fixed_shape[0], 3, self.fixed_shape[1], self.fixed_shape[2])
@@ -408,7 +185,7 @@ class InferenceBackend:
         self._check_input(im)
         im = im.to(self.device, self._runner.input_dtype)
         if augment:
-            if self.kind != "pytorch":
+            if not self.format.capabilities.augment or self.in_memory:
                 raise ValueError(f"test-time augmentation (--augment) needs a .pt checkpoint; {self.weights} "
                                  f"is {self.kind}")
             return self._forward_augment(im).float()
@@ -473,7 +250,7 @@ class InferenceBackend:
         return torch.cat([first, *(p for p, _ in outputs[1:-1]), last], 1)
 
 
-def _rows_per_level(runner: _PyTorchRunner, size: tuple[int, int]) -> list[int]:
+def _rows_per_level(runner: PyTorchRunner, size: tuple[int, int]) -> list[int]:
     """Decoded rows each Detect level of the model contributes for an input of (H, W), in output order."""
     h, w = size
     return [runner.anchors_per_cell * math.ceil(h / s) * math.ceil(w / s) for s in runner.strides]
@@ -483,14 +260,16 @@ def _check_bf16(paths: list[Path], device: torch.device, fp16: bool, allow_emula
     """Refuse bf16 where it cannot run (see InferenceBackend); True when it runs emulated."""
     from engine import precision
 
-    others = [str(p) for p in paths if weights_kind(p) not in ("pytorch", "openvino")]
+    others = [str(p) for p in paths if not formats.format_of(p).capabilities.bf16]
     if others:
-        raise ValueError(f"bf16 (--bf16) runs our .pt checkpoints under torch.autocast and OpenVINO models "
-                         f"in OpenVINO's bf16 precision; {', '.join(others)} is another export (run it in "
-                         f"its own precision, or pass the .pt)")
-    if weights_kind(paths[0]) == "openvino" and not precision.cpu_bf16_support().native:
-        raise ValueError(f"bf16 (--bf16) for the OpenVINO model {paths[0]}: this CPU has no native bf16 "
-                         f"(AVX-512 BF16 or AMX), and OpenVINO does not emulate it; run it in float32")
+        able = ", ".join(n for n, f in formats.FORMATS.items() if f.capabilities.bf16)
+        raise ValueError(f"bf16 (--bf16) runs the formats {able} (our .pt checkpoints under torch.autocast, "
+                         f"OpenVINO models in OpenVINO's bf16 precision); {', '.join(others)} is another "
+                         f"export (run it in its own precision, or pass the .pt)")
+    fmt = formats.format_of(paths[0])
+    if fmt.capabilities.bf16_native_only and not precision.cpu_bf16_support().native:
+        raise ValueError(f"bf16 (--bf16) for the {fmt.name} model {paths[0]}: this CPU has no native bf16 "
+                         f"(AVX-512 BF16 or AMX), and {fmt.name} does not emulate it; run it in float32")
     if fp16:
         raise ValueError("--bf16 and --half cannot be combined; pick one")
     if device.type == "cuda":
@@ -502,25 +281,23 @@ def _check_bf16(paths: list[Path], device: torch.device, fp16: bool, allow_emula
     return precision.check_cpu_bf16("bf16 (--bf16)", allow_emulated)
 
 
-def _make_runners(paths: list[Path], device: torch.device, fp16: bool, fuse: bool,
-                  bf16: bool = False) -> list:
-    """One runner per file; several files make an ensemble, which takes our .pt checkpoints only and
-    needs them to agree on the classes."""
-    kind = weights_kind(paths[0])
+def _make_runners(paths: list[Path], device: torch.device, options: formats.RunOptions) -> list:
+    """One runner per file; several files make an ensemble, which takes only formats that can ensemble
+    (our .pt checkpoints) and needs them to agree on the classes."""
+    fmt = formats.format_of(paths[0])
     if len(paths) == 1:
-        if kind == "pytorch":
-            return [_PyTorchRunner(paths[0], device, fp16, fuse, bf16)]
-        if kind == "openvino":
-            return [_OpenVINORunner(paths[0], device, bf16)]
-        runner = _TorchScriptRunner if kind == "torchscript" else _OnnxRunner
-        return [runner(paths[0], device, fp16)]
-    others = [p for p in paths if weights_kind(p) != "pytorch"]
+        return [fmt.runner(paths[0], device, options)]
+    others = [p for p in paths if not formats.format_of(p).capabilities.ensemble]
     if others:
         raise ValueError(f"an ensemble of several --weights takes .pt checkpoints only (as YOLOv5's); "
                          f"{', '.join(map(str, others))} {'is' if len(others) == 1 else 'are'} not")
-    runners = [_PyTorchRunner(p, device, fp16, fuse, bf16) for p in paths]
+    runners = [formats.format_of(p).runner(p, device, options) for p in paths]
     for path, runner in zip(paths[1:], runners[1:]):
         if runner.names != runners[0].names:
             raise ValueError(f"ensemble: {path} predicts classes {runner.names}, {paths[0]} predicts "
                              f"{runners[0].names}; an ensemble needs the same classes")
+        head, first_head = (type(r.model.model[-1]).__name__ for r in (runner, runners[0]))
+        if head != first_head:  # obj x cls (Detect) and cls alone (DetectAF): scores NMS cannot compare
+            raise ValueError(f"ensemble: {path} has a {head} head, {paths[0]} a {first_head} head; an "
+                             f"ensemble needs one head kind (their confidences are not on the same scale)")
     return runners

@@ -6,22 +6,34 @@ The loop (engine/trainer.py) calls each callback at six points, in the order the
     before_epoch(trainer)   trainer.epoch is the epoch about to run
     before_step(trainer)    trainer.batch = (images uint8 -> float [0, 1], targets, paths), trainer.step
     after_step(trainer)     trainer.loss_items (box, obj, cls) of this batch, trainer.mean_losses so far
-    after_epoch(trainer)    trainer.val_results (or None), trainer.fitness, trainer.best_fitness and
-                            trainer.lrs are set; set trainer.stop_requested = True to end training
+    after_epoch(trainer)    trainer.val_results (or None), trainer.metrics, trainer.fitness,
+                            trainer.best_fitness and trainer.lrs are set, and early stopping has
+                            already decided (trainer.stop_requested); set trainer.stop_requested = True
+                            to end training after this epoch
     after_train(trainer)    after the last epoch and the final validation of best.pt
 
 A callback subclasses `Callback` and overrides the points it needs:
 
     class PrintFitness(Callback):
+        name = "print_fitness"
+
         def after_epoch(self, trainer):
             print(trainer.epoch, trainer.fitness)
 
-    Trainer(options, device, callbacks=[PrintFitness()]).run()
+    Trainer(options, device, callbacks=[PrintFitness()]).run()      # the defaults, then yours
 
-A callback with state that must survive a resume offers `state_dict()` / `load_state_dict()` and a
-`state_key`; the trainer stores it in the checkpoint under that key. The built-in ones below log the
-progress, write results.csv and TensorBoard scalars, draw plots, stop early and save checkpoints.
-Only the main process (rank 0 or a single process) gets the callbacks that write files.
+The list is the user's: each callback has a `name`, and the built-ins (`default_callbacks(options)`,
+named progress, results_csv, tensorboard, plots, checkpoint) can be dropped or replaced by name
+before they are handed to the trainer:
+
+    defaults = replace_callbacks(default_callbacks(options), checkpoint=MyCheckpointer())
+    Trainer(options, device, callbacks=[PrintFitness()], defaults=drop_callbacks(defaults, "tensorboard"))
+
+Callbacks run in list order, and no built-in depends on another having run first: early stopping is
+the trainer's own (`Trainer.stopper`, decided before after_epoch), not a callback. A callback with
+state that must survive a resume offers `state_dict()` / `load_state_dict()` and a `state_key`; the
+trainer stores it in the checkpoint under that key. Callbacks with `main_process_only = True` (all
+built-ins: they write files) run on rank 0 only under torchrun; the others run on every rank.
 """
 
 from __future__ import annotations
@@ -37,17 +49,16 @@ import torch
 from tqdm import tqdm
 
 from engine.checkpoint import save_checkpoint
-from utils.files import atomic_write_text
+from utils.files import atomic_write_text, stale_temp_files
 
 if TYPE_CHECKING:
-    from engine.trainer import Trainer
+    from engine.trainer import Trainer, TrainOptions
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 METRIC_COLUMNS = (
     "epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
     "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
 )
-RESULT_COLUMNS = (*METRIC_COLUMNS, "x/lr0", "x/lr1", "x/lr2")  # YOLOv5's three optimiser groups
 
 
 def result_columns(n_groups: int) -> tuple[str, ...]:
@@ -59,6 +70,8 @@ def result_columns(n_groups: int) -> tuple[str, ...]:
 class Callback:
     """No-op hooks; subclasses override the ones they need (see the module docstring)."""
 
+    name: str = ""  # the key drop_callbacks / replace_callbacks find it by; "" = the class name
+    main_process_only: bool = False  # True: only rank 0 (or a single process) runs it
     state_key: str | None = None  # set together with state_dict/load_state_dict to be checkpointed
 
     def before_train(self, trainer: Trainer) -> None: ...
@@ -76,6 +89,8 @@ class Callback:
 
 class ProgressLog(Callback):
     """YOLOv5's per-epoch progress bar (losses, instances, size) and the epoch's images/s."""
+
+    name, main_process_only = "progress", True
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
@@ -122,6 +137,8 @@ class ResultsCSV(Callback):
     two only repeats that epoch, whose row is then replaced.
     """
 
+    name, main_process_only = "results_csv", True
+
     def __init__(self) -> None:
         self.rows: list[list[str]] = []
 
@@ -146,12 +163,13 @@ class ResultsCSV(Callback):
 
 def epoch_values(trainer: Trainer) -> list:
     """[epoch, 3 train losses, P, R, mAP50, mAP50-95, 3 val losses, lrs] of the epoch just ended."""
-    row = trainer.val_results.as_row() if trainer.val_results is not None else [0.0] * 7
-    return [trainer.epoch, *trainer.mean_losses.tolist(), *row, *trainer.lrs]
+    return [trainer.epoch, *trainer.mean_losses.tolist(), *trainer.metrics, *trainer.lrs]
 
 
 class TensorBoardLog(Callback):
     """The results.csv columns as TensorBoard scalars in the run folder (when tensorboard is installed)."""
+
+    name, main_process_only = "tensorboard", True
 
     def __init__(self) -> None:
         self.writer = None
@@ -177,6 +195,8 @@ class TensorBoardLog(Callback):
 class Plots(Callback):
     """labels.jpg (a fresh run only), the first three training mosaics and results.png at the end."""
 
+    name, main_process_only = "plots", True
+
     def before_train(self, trainer: Trainer) -> None:
         if trainer.start_epoch == 0:
             from utils.plots import plot_labels
@@ -198,11 +218,14 @@ class Plots(Callback):
             plot_results(trainer.save_dir / "results.csv")
 
 
-class EarlyStopping(Callback):
+class EarlyStopping:
     """Stop when fitness has not improved for `patience` epochs (0 disables); its state is checkpointed,
-    so a resumed run stops at the same epoch as an unbroken one."""
+    so a resumed run stops at the same epoch as an unbroken one.
 
-    state_key = "early_stopping"
+    Not a callback: the trainer owns it (`Trainer.stopper`) and updates it right after validating, before
+    the after_epoch callbacks run, so every callback (the checkpoint included) sees this epoch's decision
+    whatever its place in the list.
+    """
 
     def __init__(self, patience: int = 30):
         self.best_fitness, self.best_epoch = 0.0, 0
@@ -217,12 +240,6 @@ class EarlyStopping(Callback):
         self.possible_stop = delta >= (self.patience - 1)
         return delta >= self.patience
 
-    def after_epoch(self, trainer: Trainer) -> None:
-        if self.update(trainer.epoch, trainer.fitness):
-            LOGGER.info(f"Stopping training early as no improvement observed in last {self.patience} epochs. "
-                        f"Best results observed at epoch {self.best_epoch}.")
-            trainer.stop_requested = True
-
     def state_dict(self) -> dict[str, Any]:
         return {"best_fitness": self.best_fitness, "best_epoch": self.best_epoch,
                 "possible_stop": self.possible_stop}
@@ -235,8 +252,7 @@ class EarlyStopping(Callback):
 
 class Checkpointer(Callback):
     """weights/best.pt when fitness reached a new best, then last.pt, every epoch; epochN.pt every
-    --save-period epochs; with --nosave only the final epoch. Add it after EarlyStopping so that its
-    checkpoint holds the early-stopping state of this epoch.
+    --save-period epochs; with --nosave only the final epoch.
 
     best.pt is written before last.pt: a kill between the two leaves last.pt one epoch behind, so the
     resumed run repeats the epoch and rewrites best.pt itself. (The other order would leave best.pt
@@ -245,8 +261,11 @@ class Checkpointer(Callback):
     removed when a run starts or resumes.
     """
 
+    name, main_process_only = "checkpoint", True
+
     def before_train(self, trainer: Trainer) -> None:
-        for stale in sorted(trainer.weights_dir.glob(".*.pt.*.tmp")):
+        # stale_temp_files globs, so the wildcard name also covers epochN.pt's leftovers
+        for stale in stale_temp_files(trainer.weights_dir / "*.pt"):
             LOGGER.info(f"removing {stale.name}: an unfinished save of an interrupted run")
             stale.unlink(missing_ok=True)
 
@@ -262,10 +281,44 @@ class Checkpointer(Callback):
             save_checkpoint(ckpt, trainer.weights_dir / f"epoch{trainer.epoch}.pt")
 
 
-def default_callbacks(trainer: Trainer) -> list[Callback]:
-    """The built-in callbacks of the main process, in order (other DDP ranks get none: rank 0 validates,
-    decides to stop, and writes every file)."""
-    if not trainer.is_main:
-        return []
-    plots = [] if trainer.options.noplots else [Plots()]
-    return [ProgressLog(), ResultsCSV(), TensorBoardLog(), *plots, trainer.stopper, Checkpointer()]
+def default_callbacks(options: TrainOptions) -> list[Callback]:
+    """The built-in callbacks, in the order they run: progress, results_csv, tensorboard, plots (not with
+    --noplots) and checkpoint. All write files, so under torchrun only rank 0 runs them."""
+    plots = [] if options.noplots else [Plots()]
+    return [ProgressLog(), ResultsCSV(), TensorBoardLog(), *plots, Checkpointer()]
+
+
+def callback_name(callback: Callback) -> str:
+    """The name a callback is found by: its `name`, or its class name when that is empty."""
+    return getattr(callback, "name", "") or type(callback).__name__
+
+
+def _check_names(callbacks: list[Callback], names, action: str) -> None:
+    known = [callback_name(c) for c in callbacks]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{action}: no callback named {', '.join(map(repr, unknown))}; the list holds "
+                         f"{', '.join(known) or 'none'}")
+
+
+def drop_callbacks(callbacks: list[Callback], *names: str) -> list[Callback]:
+    """A copy of `callbacks` without the ones named; an unknown name is a ValueError listing the names."""
+    _check_names(callbacks, names, "drop_callbacks")
+    return [c for c in callbacks if callback_name(c) not in names]
+
+
+def replace_callbacks(callbacks: list[Callback], **replacements: Callback) -> list[Callback]:
+    """A copy of `callbacks` with each named one replaced in place (same position, so the same order):
+    `replace_callbacks(default_callbacks(options), checkpoint=MyCheckpointer())`. An unknown name is a
+    ValueError listing the names."""
+    _check_names(callbacks, replacements, "replace_callbacks")
+    return [replacements.get(callback_name(c), c) for c in callbacks]
+
+
+def check_unique_names(callbacks: list[Callback]) -> None:
+    """Names must be unique, or dropping and replacing by name would be ambiguous."""
+    names = [callback_name(c) for c in callbacks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"callbacks must have unique names; {', '.join(twice)} appears more than once (set "
+                         "`name` on your callback class or instance)")

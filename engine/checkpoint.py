@@ -21,6 +21,10 @@ from utils.files import atomic_open
 CHECKPOINT_FORMAT = 1
 
 
+class CheckpointError(RuntimeError):
+    """A weights file that is not one of our checkpoints (a RuntimeError, as it was before this class)."""
+
+
 def checkpoint_dict(model, ema=None, **fields: Any) -> dict[str, Any]:
     """The checkpoint of `model` (its YAML, names, float32 state_dict) plus `ema` and extra fields
     (epoch, best_fitness, optimizer, scheduler, opt, hyp, rng, ...)."""
@@ -32,6 +36,7 @@ def checkpoint_dict(model, ema=None, **fields: Any) -> dict[str, Any]:
         "names": list(model.names),
         "nc": int(model.nc),
         "stride": [float(s) for s in model.stride],
+        "backbone": backbone_record(model),
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "ema": None if ema is None else {k: v.detach().clone() for k, v in ema.state_dict().items()},
         "date": datetime.now().isoformat(timespec="seconds"),
@@ -54,21 +59,62 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise RuntimeError(f"{path}: not a checkpoint of this project that loads with weights_only=True "
+        raise CheckpointError(f"{path}: not a checkpoint of this project that loads with weights_only=True "
                            f"({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "yaml" not in ckpt:
-        raise RuntimeError(f"{path}: not a checkpoint of this project (expected keys 'model' and 'yaml')")
+        raise CheckpointError(f"{path}: not a checkpoint of this project (expected keys 'model' and 'yaml')")
     return ckpt
 
 
 def plain_yaml(model_yaml: dict) -> dict:
-    """The model dict without build-time pretrained-weight paths (the state_dict already holds them)."""
+    """The model dict without build-time pretrained-weight paths or downloads (the state_dict already
+    holds the weights, so a rebuild needs no file and no network)."""
     d = copy.deepcopy(model_yaml)
     for row in d.get("backbone", []):
         args = row[3] if isinstance(row, list) and len(row) == 4 else None
         if args and isinstance(args[0], dict):
             args[0].pop("weights", None)
+            if args[0].get("pretrained"):
+                args[0]["pretrained"] = False
     return d
+
+
+def backbone_record(model) -> dict[str, Any] | None:
+    """What rebuilding the backbone node needs beyond the YAML: its registered name, the plugin file
+    that registered it (None for the shipped families) and the node's own record (a timm node: model
+    name, timm version, options). None for a YAML-rows backbone."""
+    from models.backbones import BACKBONES, Backbone
+
+    node = model.model[0] if len(model.model) else None
+    if not isinstance(node, Backbone):
+        return None
+    name = model.yaml["backbone"][0][2]
+    source = BACKBONES.get(name).source if name in BACKBONES else None
+    record = {"name": name, "plugin": Path(source).name if source else None}
+    if hasattr(node, "export_options"):
+        record.update(node.export_options())
+    return record
+
+
+def check_backbone_available(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Refuse, with what to do, a checkpoint whose backbone this process cannot rebuild: a plugin
+    backbone whose plugin is not loaded, or a timm model the installed timm does not have."""
+    from models.backbones import BACKBONES
+
+    record = ckpt.get("backbone") or {}
+    name = record.get("name")
+    if name and name not in BACKBONES and record.get("plugin"):
+        raise ValueError(f"{path}: its backbone {name} comes from the plugin {record['plugin']}, which is "
+                         f"not loaded; pass --plugin path/to/{record['plugin']} (Python: Detector(..., "
+                         f"plugins=['{record['plugin']}']))")
+    timm_model = record.get("timm_model")
+    if timm_model:
+        from models.backbones.timm_node import Timm, timm_version
+
+        if timm_model not in Timm.variants:
+            raise ValueError(f"{path}: its backbone is the timm model {timm_model} (saved with timm "
+                             f"{record.get('timm_version')}), which the installed timm {timm_version()} "
+                             "does not have; install a timm version that has it")
 
 
 def rng_state() -> dict[str, Any]:
@@ -112,6 +158,7 @@ def load_detection_model(path: str | Path, device: str | torch.device = "cpu", f
     from models.yolo import DetectionModel
 
     ckpt = load_checkpoint(path)
+    check_backbone_available(ckpt, path)
     model = DetectionModel(plain_yaml(ckpt["yaml"]))
     state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)

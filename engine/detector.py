@@ -45,13 +45,18 @@ class Detector:
     test-time augmentation (.pt only); agnostic: class-agnostic NMS; batch_size: images of one
     letterboxed shape run together. The default 1 is what detect.py does and gives exactly its boxes;
     larger batches help on a GPU (little on a CPU) but change the float rounding, which can move a box
-    that sits on the confidence or IoU threshold.
+    that sits on the confidence or IoU threshold. plugins: Python files that register backbones (as
+    --plugin does for the scripts; docs/bring-a-backbone.md).
     """
 
     def __init__(self, weights: str | Path | list | InferenceBackend | torch.nn.Module, conf: float = 0.25,
                  iou: float = 0.45, classes: Sequence[int] | None = None, max_det: int = 1000,
                  imgsz: int | Sequence[int] = 640, device: str | torch.device = "", half: bool = False,
-                 augment: bool = False, agnostic: bool = False, batch_size: int = 1):
+                 augment: bool = False, agnostic: bool = False, batch_size: int = 1,
+                 plugins: Sequence[str | Path] = ()):
+        from models.backbones.plugins import load_plugins
+
+        load_plugins(plugins)  # files that register backbones, before a checkpoint names one
         self.conf, self.iou, self.classes, self.max_det = conf, iou, classes, max_det
         self.imgsz, self.augment, self.agnostic, self.half = imgsz, augment, agnostic, half
         self.batch_size = batch_size
@@ -151,30 +156,10 @@ def _load(weights, device, half: bool):
     return InferenceBackend(weights, device=device, fp16=half)
 
 
-class InMemoryModel:
-    """A DetectionModel that is not in a file (a hub entry point without weights), run with the
-    interface of InferenceBackend: float32, any input size, no test-time augmentation."""
-
-    kind, dynamic, fixed_shape, fp16 = "pytorch", True, None, False
-
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = ""):
-        from utils.torch_utils import select_device
-
-        self.device = select_device(device)
-        self.model = model.to(self.device).float().eval()
-        self.stride = int(max(model.stride))
-        self.names = [str(n) for n in model.names]
-        self.weights = f"<{model.yaml.get('yaml_file', 'model')} in memory>"
-
-    def warmup(self, imgsz: tuple[int, int, int, int] = (1, 3, 640, 640)) -> None:
-        """Nothing to initialise lazily for an eager model."""
-
-    @torch.no_grad()
-    def __call__(self, im: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        if augment:
-            raise ValueError("test-time augmentation needs a .pt checkpoint (Detector('best.pt'))")
-        out = self.model(im.to(self.device).float())
-        return (out[0] if isinstance(out, (tuple, list)) else out).float()
+def InMemoryModel(model: torch.nn.Module, device: str | torch.device = "") -> InferenceBackend:
+    """A DetectionModel that is not in a file, run with the interface of InferenceBackend (the PyTorch
+    format's runner: float32, any input size, no test-time augmentation)."""
+    return InferenceBackend.from_model(model, device)
 
 
 def _batches_by_shape(letterboxed: Sequence[np.ndarray], batch_size: int) -> list[list[int]]:

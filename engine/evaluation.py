@@ -5,7 +5,8 @@
 
 The weights are any format `engine.backend.InferenceBackend` runs (.pt, .torchscript, .onnx, OpenVINO).
 Rectangular batches are used whenever the backend accepts any input shape; a static export runs at
-its own fixed square shape. `--save-json` also scores the predictions with pycocotools.
+its own fixed shape (square or not: every image letterboxed to exactly that height x width).
+`--save-json` also scores the predictions with pycocotools.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from engine.validator import Validator, ValOptions, ValResults
 from utils.general import increment_path
@@ -77,7 +80,7 @@ def evaluate(opt: EvalOptions) -> tuple[ValResults, Path]:
     check_classes(backend, cfg, opt.weights, opt.single_cls)
     imgsz, batch_size, rect = shapes_for(backend, opt.imgsz, opt.batch_size)
     split = opt.task if opt.task in ("train", "val", "test") else "val"
-    loader = _loader(cfg, split, imgsz, batch_size, backend.stride, rect, opt)
+    loader = _loader(cfg, split, imgsz, batch_size, backend.stride, rect, opt, backend.fixed_shape)
     save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
     backend.warmup(imgsz=(1 if backend.kind == "pytorch" else batch_size, 3, imgsz, imgsz))
     coco_ids = coco_id_function(cfg) if opt.save_json else None
@@ -89,16 +92,22 @@ def evaluate(opt: EvalOptions) -> tuple[ValResults, Path]:
     return results, save_dir
 
 
-def _loader(cfg: dict, split: str, imgsz: int, batch_size: int, stride: int, rect: bool, opt: EvalOptions):
+def _loader(cfg: dict, split: str, imgsz: int, batch_size: int, stride: int, rect: bool, opt: EvalOptions,
+            fixed_shape: tuple[int, int, int] | None = None):
+    """The split's loader; for a static export whose (h, w) is not square every image is letterboxed to
+    exactly that (h, w), as detect.py feeds it (rectangular batches, all of the export's shape)."""
     from data.loaders import create_dataloader
 
     if not cfg.get(split):
         raise ValueError(f"dataset {cfg.get('yaml_file')} has no '{split}' split")
     speed = opt.task == "speed"
-    loader, _ = create_dataloader(cfg[split], imgsz, batch_size, stride, opt.single_cls,
-                                  pad=0.0 if speed else 0.5, rect=rect and not speed, workers=opt.workers,
-                                  prefix=f"{split}: ", names=cfg["names"],
-                                  names_source=cfg.get("yaml_file"))
+    fixed_rect = fixed_shape is not None and fixed_shape[1] != fixed_shape[2]
+    loader, dataset = create_dataloader(cfg[split], imgsz, batch_size, stride, opt.single_cls,
+                                        pad=0.0 if speed else 0.5, rect=(rect and not speed) or fixed_rect,
+                                        workers=opt.workers, prefix=f"{split}: ", names=cfg["names"],
+                                        names_source=cfg.get("yaml_file"))
+    if fixed_rect:  # images are resized to a long side of max(h, w), then letterboxed into (h, w)
+        dataset.batch_shapes = np.tile(np.array(fixed_shape[1:], dtype=int), (len(dataset.batch_shapes), 1))
     return loader
 
 
@@ -111,7 +120,9 @@ def check_classes(backend, cfg: dict, weights, single_cls: bool) -> None:
 
 
 def shapes_for(backend, imgsz: int, batch_size: int) -> tuple[int, int, bool]:
-    """(imgsz, batch size, rect) that the backend can run: static exports fix both and need squares."""
+    """(imgsz, batch size, rect) that the backend can run. A static export fixes both: imgsz is its
+    longer side, and a non-square (h, w) export is validated with every image letterboxed to exactly
+    (h, w) (see _loader)."""
     stride = int(backend.stride)
     if imgsz % stride:
         new = max(stride, round(imgsz / stride) * stride)
@@ -121,10 +132,7 @@ def shapes_for(backend, imgsz: int, batch_size: int) -> tuple[int, int, bool]:
         b, h, w = backend.fixed_shape
         if (h, w) != (imgsz, imgsz) or b != batch_size:
             LOGGER.info(f"{backend.kind} model has a fixed input of {b}x3x{h}x{w}: validating at that shape")
-        if h != w:
-            raise ValueError(f"static export with a non-square input {h}x{w} cannot validate "
-                             "letterboxed squares")
-        return h, b, False
+        return max(h, w), b, False
     return imgsz, batch_size, backend.dynamic  # rectangular batches need an input of any shape
 
 

@@ -32,13 +32,10 @@ any other file is left alone and the export stops with FileExistsError.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import logging
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,26 +43,33 @@ from typing import Any
 import torch
 import yaml
 
-from engine.backend import (
-    TORCHSCRIPT_METADATA,
-    InferenceBackend,
-    check_img_size,
-    read_onnx_metadata,
-    read_torchscript_metadata,
-)
-from utils.files import atomic_dir, atomic_path, temp_name_beside
+from engine import formats
+from engine.backend import InferenceBackend, check_img_size
+from engine.formats import WriteOptions
+from engine.formats.onnx import read_onnx_metadata, write_onnx  # noqa: F401 (write_onnx re-exported)
+from engine.formats.openvino import openvino_model_files, read_openvino_metadata, write_openvino_from_onnx
+from utils.files import atomic_dir, atomic_path
 from utils.torch_utils import select_device
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 EXPORTER = "vitdet"  # written into every export; marks files this project may overwrite
-FORMATS = ("torchscript", "onnx", "openvino")
+FORMATS = formats.exportable()  # export.py --include: ('torchscript', 'onnx', 'openvino')
 DEFAULT_OPSET = 17
 RELATIVE_TOLERANCE = 1e-3
 SAMPLE_SEED = 0
 
 
 INT8_OPS = ("auto", "full", "conv")  # export_int8's choices (engine.quantize.OP_TYPES, auto: full then conv)
+# How the OpenVINO INT8 IR is made: 'nncf' quantises the float IR with NNCF (engine.quantize_openvino),
+# 'qdq' converts the accepted QDQ ONNX file. NNCF is the default: on yolov5s at 640 (AVX2 machine, under
+# load, so provisional) its IR was at least as fast as the converted QDQ file and it keeps the decode in
+# float; benchmarks.py's openvino_int8_ms / openvino_nncf_ms columns compare the two on your CPU.
+OPENVINO_INT8_METHODS = ("nncf", "qdq")
+DEFAULT_OPENVINO_INT8 = "nncf"
+OPENVINO_INT8_HOW = {"nncf": "NNCF post-training quantisation of the float IR",
+                     "qdq": "the accepted INT8 (QDQ) ONNX file converted to an IR"}
+DEFAULT_NOTE = ", the default"
 
 
 class ExportError(RuntimeError):
@@ -82,34 +86,60 @@ class Verification:
 
 
 @dataclass
+class ExportOptions:
+    """What to export and how (export.py's flags).
+
+    include: formats ('torchscript', 'onnx', 'openvino'); imgsz: (height, width) or one side, rounded up
+    to a multiple of the stride; batch_size: the exported batch (any batch works with `dynamic`);
+    opset: ONNX opset (default DEFAULT_OPSET); simplify: onnxslim; half: float16 (CUDA only).
+    int8 (needs `data`): also write INT8 models, accepted only if their val mAP50-95 is at most
+    `int8_tolerance` (default 0.01) below their float model's: `<stem>_int8.onnx` (ONNX Runtime QDQ,
+    with 'onnx' included; `int8_ops` 'auto', 'full' or 'conv', see engine.quantize) and
+    `<stem>_int8_openvino_model/` (with 'openvino' included; `openvino_int8` 'nncf' quantises the float
+    IR with NNCF using `int8_preset`, 'qdq' converts the INT8 ONNX file). calib: calibration images
+    from the train split (default 100); workers: dataloader workers of the gate's validation.
+    """
+
+    include: Sequence[str] = ("torchscript", "onnx")
+    imgsz: int | Sequence[int] = (640, 640)
+    batch_size: int = 1
+    dynamic: bool = False
+    opset: int | None = None
+    simplify: bool = False
+    half: bool = False
+    device: str | torch.device = "cpu"
+    int8: bool = False
+    data: str | Path | dict | None = None
+    calib: int | None = None
+    int8_tolerance: float | None = None
+    workers: int = 0
+    int8_ops: str = "auto"
+    openvino_int8: str = DEFAULT_OPENVINO_INT8
+    int8_preset: str = "mixed"
+
+
+@dataclass
 class ExportResult:
     path: Path
     checks: list[Verification] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)  # INT8: map_float, map_int8, drop, ops
+    metrics: dict[str, Any] = field(default_factory=dict)  # INT8: map_float, map_int8, drop, ops, method
 
 
 # -- small helpers --------------------------------------------------------------------------------------
 def target_path(weights: Path, fmt: str) -> Path:
-    """Where `fmt` is written for `weights`: best.pt -> best.torchscript / best.onnx / best_openvino_model
-    / best_int8.onnx (fmt 'onnx_int8') / best_int8_openvino_model (fmt 'openvino_int8')."""
-    if fmt in ("openvino", "openvino_int8"):
-        return weights.with_name(f"{weights.stem}{'_int8' if fmt == 'openvino_int8' else ''}_openvino_model")
-    if fmt == "onnx_int8":
-        return weights.with_name(f"{weights.stem}_int8.onnx")
-    return weights.with_suffix(f".{fmt}")
+    """Where `fmt` (a registry name, or '<name>_int8' for its INT8 model) is written for `weights`:
+    best.pt -> best.torchscript / best.onnx / best_openvino_model / best_int8.onnx / ..."""
+    name, int8 = (fmt[: -len("_int8")], True) if fmt.endswith("_int8") else (fmt, False)
+    return formats.get(name).target(weights, int8)
 
 
 def existing_export_metadata(path: Path) -> dict[str, Any]:
     """The metadata of an existing export at `path` ({} when it has none or cannot be read as one)."""
+    fmt = formats.format_of(path)
+    if fmt is None or not fmt.capabilities.exportable:
+        return {}
     try:
-        if path.is_dir():
-            meta_file = path / "metadata.yaml"
-            meta = yaml.safe_load(meta_file.read_text()) if meta_file.is_file() else None
-            return meta if isinstance(meta, dict) else {}
-        if path.suffix == ".onnx":
-            return read_onnx_metadata(path)
-        if path.suffix == ".torchscript":
-            return read_torchscript_metadata(path)
+        return fmt.read_metadata(path)
     except Exception as err:  # any unreadable file is simply "not ours"
         LOGGER.debug(f"{path}: cannot read export metadata ({err})")
     return {}
@@ -161,17 +191,6 @@ def _sample(shape: Sequence[int], device: torch.device, half: bool) -> torch.Ten
     return x.half() if half else x
 
 
-@contextlib.contextmanager
-def _quiet_tracing():
-    """Silence the tracer's and the deprecated exporters' warnings; verification is the real check."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
-        yield
-
-
 # -- the model to export ------------------------------------------------------------------------------
 def load_export_model(weights: Path, device: torch.device, half: bool):
     """Our checkpoint as a fused, frozen DetectionModel that returns only the decoded tensor."""
@@ -199,68 +218,6 @@ def export_metadata(model, weights: Path, shape: Sequence[int], dynamic: bool, h
         "weights": weights.name,
         "weights_sha256": _sha256(weights),
     }
-
-
-# -- writers: each writes `tmp` (not the final path) ---------------------------------------------------
-def write_torchscript(model, sample: torch.Tensor, tmp: Path, meta: dict[str, Any]) -> None:
-    """Trace the model on `sample` and save it with the metadata as extra/config.txt (JSON)."""
-    with _quiet_tracing():
-        # check_trace=False: the tracer's own re-run is redundant with the verification below
-        traced = torch.jit.trace(model, sample, strict=False, check_trace=False)
-    traced.save(str(tmp), _extra_files={TORCHSCRIPT_METADATA: json.dumps(meta)})
-
-
-def write_onnx(model, sample: torch.Tensor, tmp: Path, meta: dict[str, Any], opset: int, dynamic: bool,
-               simplify: bool) -> None:
-    """TorchScript-based ONNX export (input 'images', output 'output0'), checked, optionally slimmed,
-    with the metadata in metadata_props."""
-    import onnx
-
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 1: "anchors"}}
-    with _quiet_tracing():
-        torch.onnx.export(model, (sample,), str(tmp), opset_version=opset, input_names=["images"],
-                          output_names=["output0"], dynamic_axes=axes if dynamic else None,
-                          do_constant_folding=True, dynamo=False)
-    model_onnx = onnx.load(str(tmp))
-    onnx.checker.check_model(model_onnx)
-    if simplify:
-        model_onnx = _slim(model_onnx)
-    del model_onnx.metadata_props[:]
-    for key, value in meta.items():
-        model_onnx.metadata_props.add(key=key, value=json.dumps(value))
-    onnx.save(model_onnx, str(tmp))
-
-
-def _slim(model_onnx):
-    try:
-        import onnxslim
-    except ImportError:
-        LOGGER.warning("--simplify: onnxslim is not installed (pip install onnxslim); exporting unsimplified")
-        return model_onnx
-    LOGGER.info(f"simplifying with onnxslim {getattr(onnxslim, '__version__', '')}")
-    return onnxslim.slim(model_onnx)
-
-
-def write_openvino(model, sample: torch.Tensor, tmp_dir: Path, meta: dict[str, Any], opset: int,
-                   dynamic: bool, stem: str) -> None:
-    """OpenVINO IR (<stem>.xml/.bin) converted from an ONNX export, plus metadata.yaml."""
-    onnx_file = temp_name_beside(tmp_dir / f"{stem}.onnx", keep_suffix=True)
-    try:
-        write_onnx(model, sample, onnx_file, meta, opset, dynamic, simplify=False)
-        write_openvino_from_onnx(onnx_file, tmp_dir, meta, stem)
-    finally:
-        onnx_file.unlink(missing_ok=True)
-
-
-def write_openvino_from_onnx(onnx_file: Path, tmp_dir: Path, meta: dict[str, Any], stem: str) -> None:
-    """Convert an ONNX file (float, or INT8 QDQ: OpenVINO runs its quantised ops in int8) into
-    <stem>.xml/.bin in `tmp_dir`, with metadata.yaml (`meta` plus imgsz and batch)."""
-    import openvino as ov
-
-    ov.save_model(ov.convert_model(str(onnx_file)), str(tmp_dir / f"{stem}.xml"), compress_to_fp16=False)
-    shape = meta["shape"]
-    ov_meta = {**meta, "imgsz": [int(shape[2]), int(shape[3])], "batch": int(shape[0])}
-    (tmp_dir / "metadata.yaml").write_text(yaml.safe_dump(ov_meta, sort_keys=False))
 
 
 # -- verification -------------------------------------------------------------------------------------
@@ -328,128 +285,165 @@ def _export_atomically(fmt: str, target: Path, temp, write, run, cases) -> Expor
 
 
 # -- entry points -------------------------------------------------------------------------------------
-def _check_request(weights: Path, include: Sequence[str], device: torch.device, half: bool,
-                   dynamic: bool, int8: bool = False, data=None) -> list[str]:
+def _check_request(weights: Path, opt: ExportOptions, device: torch.device) -> list[str]:
     if weights.suffix != ".pt":
         raise ValueError(f"--weights {weights}: export starts from one of our .pt checkpoints")
     if not weights.is_file():
         raise FileNotFoundError(f"weights not found: {weights}")
-    formats = [f.lower() for f in include]
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise ValueError(f"--include {' '.join(include)}: unknown or no format; "
+    requested = [f.lower() for f in opt.include]
+    unknown = [f for f in requested if f not in FORMATS]
+    if unknown or not requested:
+        raise ValueError(f"--include {' '.join(opt.include)}: unknown or no format; "
                          f"choose from {', '.join(FORMATS)}")
-    if half and device.type != "cuda":
+    if opt.half and device.type != "cuda":
         raise ValueError("--half exports float16 models and needs a CUDA --device (e.g. --device 0)")
-    if half and dynamic:
+    if opt.half and opt.dynamic:
         raise ValueError("--half and --dynamic cannot be combined (as in YOLOv5); drop one of them")
-    if int8:
-        if "onnx" not in formats:
-            raise ValueError("--int8 quantises the ONNX export; add onnx to --include")
-        if half:
-            raise ValueError("--int8 and --half cannot be combined; INT8 is quantised from float32")
-        if not data:
-            raise ValueError("--int8 needs --data DATASET.yaml: its train split calibrates the quantisation "
-                             "and its val split checks the mAP")
-    if "openvino" in formats:
-        if half:
-            raise ValueError("--half is for CUDA formats; OpenVINO is exported in float32")
+    if opt.batch_size < 1:
+        raise ValueError(f"--batch-size {opt.batch_size}: must be >= 1")
+    if opt.int8:
+        _check_int8_request(opt, requested)
+    if "openvino" in requested:
+        if opt.half:
+            raise ValueError("--half is for CUDA requested; OpenVINO is exported in float32")
         try:
             import openvino  # noqa: F401
         except ImportError as err:
             raise ValueError("--include openvino needs the openvino package (pip install openvino)") from err
-    return list(dict.fromkeys(formats))
+    return list(dict.fromkeys(requested))
 
 
-def export_and_verify(weights: str | Path, include: Sequence[str] = ("torchscript", "onnx"),
-                      imgsz: int | Sequence[int] = (640, 640), batch_size: int = 1, dynamic: bool = False,
-                      opset: int | None = None, simplify: bool = False, half: bool = False,
-                      device: str | torch.device = "cpu", int8: bool = False, data: str | Path | None = None,
-                      calib: int | None = None, int8_tolerance: float | None = None,
-                      workers: int = 0, int8_ops: str = "auto") -> dict[str, ExportResult]:
-    """Export `weights` to each format in `include` and verify each; returns {format: ExportResult}.
+def _check_int8_request(opt: ExportOptions, requested: Sequence[str]) -> None:
+    from engine.quantize_openvino import PRESETS
 
-    imgsz: (height, width) or one side, rounded up to a multiple of the stride; batch_size: the
-    exported batch (any batch works with `dynamic`). int8 (needs 'onnx' in include and `data`): also
-    write `<stem>_int8.onnx`, calibrated on `calib` train images (default 100) and accepted only if its
-    val mAP50-95 is at most `int8_tolerance` (default 0.01) below the float ONNX model's; its result is
-    under the key 'onnx_int8' (and its OpenVINO IR under 'openvino_int8' when 'openvino' is included,
-    gated the same way). int8_ops: 'auto' (default: 'full', else 'conv' when 'full' fails the
-    gate), 'full' or 'conv' (see engine.quantize). Raises ExportError (failed or wrong export, or too
-    large an INT8 drop), FileExistsError (would overwrite a file that is not our export), ValueError
-    (bad request).
+    if "onnx" not in requested and "openvino" not in requested:
+        raise ValueError("--int8 quantises the ONNX export (ONNX Runtime QDQ) and the OpenVINO export "
+                         "(NNCF); add onnx or openvino to --include")
+    if opt.half:
+        raise ValueError("--int8 and --half cannot be combined; INT8 is quantised from float32")
+    if not opt.data:
+        raise ValueError("--int8 needs --data DATASET.yaml: its train split calibrates the quantisation "
+                         "and its val split checks the mAP")
+    if opt.int8_ops not in INT8_OPS:
+        raise ValueError(f"--int8-ops {opt.int8_ops}: expected one of {', '.join(INT8_OPS)}")
+    if opt.openvino_int8 not in OPENVINO_INT8_METHODS:
+        raise ValueError(f"--openvino-int8 {opt.openvino_int8}: expected one of "
+                         f"{', '.join(OPENVINO_INT8_METHODS)}")
+    if opt.int8_preset not in PRESETS:
+        raise ValueError(f"--int8-preset {opt.int8_preset}: expected one of {', '.join(PRESETS)}")
+    if "openvino" in requested and opt.openvino_int8 == "qdq" and "onnx" not in requested:
+        raise ValueError("--openvino-int8 qdq converts the INT8 ONNX file; add onnx to --include (or use "
+                         "the default nncf)")
+
+
+def export_and_verify(weights: str | Path, options: ExportOptions | None = None,
+                      **fields) -> dict[str, ExportResult]:
+    """Export `weights` to each format of `options` (an ExportOptions, or its fields as keywords) and
+    verify each; returns {format: ExportResult}, INT8 results under 'onnx_int8' and 'openvino_int8'.
+
+    Raises ExportError (failed or wrong export, or too large an INT8 drop), FileExistsError (would
+    overwrite a file that is not our export), ValueError (bad request).
     """
-    from engine.quantize import DEFAULT_CALIB_IMAGES, DEFAULT_INT8_TOLERANCE
-
-    weights, device = Path(weights), select_device(device)
-    formats = _check_request(weights, include, device, half, dynamic, int8, data)
-    if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: must be >= 1")
-    if int8 and int8_ops not in INT8_OPS:
-        raise ValueError(f"--int8-ops {int8_ops}: expected one of {', '.join(INT8_OPS)}")
-    targets = {fmt: target_path(weights, fmt) for fmt in formats + _int8_formats(formats, int8)}
+    opt = replace(options, **fields) if options is not None else ExportOptions(**fields)
+    weights, device = Path(weights), select_device(opt.device)
+    names = _check_request(weights, opt, device)
+    targets = {fmt: target_path(weights, fmt) for fmt in names + _int8_formats(names, opt.int8)}
     for target in targets.values():
         check_overwrite(target, weights)  # before any work, so a refusal leaves nothing half done
-    model = load_export_model(weights, device, half)
+    model = load_export_model(weights, device, opt.half)
     stride = int(max(model.stride))
-    shape = (batch_size, 3, *check_img_size(imgsz, stride))
-    cases = _verification_cases(model, shape, dynamic, device, half)
+    shape = (opt.batch_size, 3, *check_img_size(opt.imgsz, stride))
+    cases = _verification_cases(model, shape, opt.dynamic, device, opt.half)
     sample, reference = cases[0]
-    meta = export_metadata(model, weights, shape, dynamic, half)
-    opset = opset or DEFAULT_OPSET
+    meta = export_metadata(model, weights, shape, opt.dynamic, opt.half)
+    opset = opt.opset or DEFAULT_OPSET
     LOGGER.info(f"PyTorch: starting from {weights} with output shape {tuple(reference.shape)} "
                 f"({weights.stat().st_size / 1e6:.1f} MB)")
 
-    writers = {  # each writes one format to a temporary path
-        "torchscript": lambda p: write_torchscript(model, sample, p, meta),
-        "onnx": lambda p: write_onnx(model, sample, p, meta, opset, dynamic, simplify),
-        "openvino": lambda d: write_openvino(model, sample, d, meta, opset, dynamic, weights.stem),
-    }
-    run_file = partial(InferenceBackend, device=device, fp16=half)
+    write_options = WriteOptions(opset, opt.dynamic, opt.simplify, weights.stem)
+    run_file = partial(InferenceBackend, device=device, fp16=opt.half)
     results = {}
-    for fmt in formats:
-        export = _export_dir if fmt == "openvino" else _export_file
-        results[fmt] = export(fmt, targets[fmt], writers[fmt], run_file, cases)
+    for fmt in names:
+        format_ = formats.get(fmt)
+        export = _export_dir if format_.is_dir else _export_file
+        write = partial(format_.write, model, sample, meta=meta, options=write_options)
+        results[fmt] = export(fmt, targets[fmt], write, run_file, cases)
         path = results[fmt].path
         LOGGER.info(f"{fmt}: export success, saved as {path} ({_size_mb(path):.1f} MB)")
-    if int8:
+    if opt.int8:
         head_prefix = f"/model.{len(model.model) - 1}/"
-        tolerance = DEFAULT_INT8_TOLERANCE if int8_tolerance is None else int8_tolerance
-        results["onnx_int8"] = export_int8(results["onnx"].path, targets["onnx_int8"], data, shape, stride,
-                                           head_prefix, calib or DEFAULT_CALIB_IMAGES, tolerance, cases,
-                                           workers, int8_ops)
-        if "openvino_int8" in targets:
-            results["openvino_int8"] = export_openvino_int8(results["onnx_int8"], targets["openvino_int8"],
-                                                            weights.stem, cases, (data, tolerance, workers))
+        calibration = _Calibration.load(opt, shape, stride)
+        results.update(_export_int8_all(results, targets, weights.stem, head_prefix, calibration, cases, opt))
     return results
 
 
-def _int8_formats(formats: Sequence[str], int8: bool) -> list[str]:
-    """The INT8 outputs of a request: the QDQ ONNX file, and its OpenVINO IR when openvino is included."""
+@dataclass
+class _Calibration:
+    """The INT8 request's data: letterboxed calibration batches and how the gate validates."""
+
+    data: Any
+    batches: list
+    images: int
+    imgsz: int  # val --imgsz (the export's longer side; a static export dictates its own shape)
+    batch: int
+    workers: int
+    tolerance: float
+
+    @classmethod
+    def load(cls, opt: ExportOptions, shape: Sequence[int], stride: int) -> _Calibration:
+        from engine import quantize
+
+        files = quantize.calibration_files(opt.data, opt.calib or quantize.DEFAULT_CALIB_IMAGES)
+        LOGGER.info(f"INT8: calibrating on {len(files)} images of the train split of {opt.data}, "
+                    f"letterboxed to {shape[2]}x{shape[3]}")
+        tolerance = quantize.DEFAULT_INT8_TOLERANCE if opt.int8_tolerance is None else opt.int8_tolerance
+        return cls(opt.data, quantize.calibration_batches(files, shape, stride), len(files),
+                   max(shape[2], shape[3]), shape[0], opt.workers, tolerance)
+
+    def val_map(self, weights: Path) -> float:
+        from engine import quantize
+
+        return quantize.val_map(weights, self.data, self.imgsz, self.batch, self.workers)
+
+
+def _export_int8_all(results: dict[str, ExportResult], targets: dict[str, Path], stem: str, head_prefix: str,
+                     calibration: _Calibration, cases, opt: ExportOptions) -> dict[str, ExportResult]:
+    """The INT8 models of a request: QDQ ONNX (with onnx) and the OpenVINO IR (with openvino)."""
+    out = {}
+    if "onnx_int8" in targets:
+        out["onnx_int8"] = export_int8(results["onnx"].path, targets["onnx_int8"], head_prefix, calibration,
+                                       cases, opt.int8_ops)
+    if "openvino_int8" in targets:
+        method = opt.openvino_int8
+        LOGGER.info(f"openvino_int8: {OPENVINO_INT8_HOW[method]} (--openvino-int8 {method}"
+                    f"{DEFAULT_NOTE if method == DEFAULT_OPENVINO_INT8 else ''})")
+        if method == "qdq":
+            out["openvino_int8"] = export_openvino_int8(out["onnx_int8"], targets["openvino_int8"], stem,
+                                                        cases, calibration)
+        else:
+            out["openvino_int8"] = export_openvino_nncf(results["openvino"].path, targets["openvino_int8"],
+                                                        head_prefix, calibration, cases, opt.int8_preset)
+    return out
+
+
+def _int8_formats(requested: Sequence[str], int8: bool) -> list[str]:
+    """The INT8 outputs of a request: the QDQ ONNX file with onnx, the INT8 IR with openvino."""
     if not int8:
         return []
-    return ["onnx_int8"] + (["openvino_int8"] if "openvino" in formats else [])
+    return [f"{fmt}_int8" for fmt in formats.int8_formats() if fmt in requested]
 
 
-def export_int8(float_onnx: Path, target: Path, data, shape: Sequence[int], stride: int, head_prefix: str,
-                calib: int, tolerance: float, cases, workers: int = 0, ops: str = "auto") -> ExportResult:
+def export_int8(float_onnx: Path, target: Path, head_prefix: str, calibration: _Calibration, cases,
+                ops: str = "auto") -> ExportResult:
     """Quantise `float_onnx` into `target` (see engine.quantize) and accept it only if its val mAP50-95
-    drop is within `tolerance`; the file appears only once accepted. ops 'auto' tries 'full' (fastest)
-    and falls back to 'conv' when 'full' fails the gate."""
-    from engine import quantize
-
+    drop is within the tolerance; the file appears only once accepted. ops 'auto' tries 'full'
+    (fastest) and falls back to 'conv' when 'full' fails the gate."""
     choices = ["full", "conv"] if ops == "auto" else [ops]
-    files = quantize.calibration_files(data, calib)
-    LOGGER.info(f"INT8: calibrating on {len(files)} images of the train split of {data}, letterboxed to "
-                f"{shape[2]}x{shape[3]}")
-    batches = quantize.calibration_batches(files, shape, stride)
-    imgsz, batch = max(shape[2], shape[3]), shape[0]
-    map_float = quantize.val_map(float_onnx, data, imgsz, batch, workers)
+    map_float = calibration.val_map(float_onnx)
     failures = []
     for choice in choices:
         try:
-            return _quantise_and_gate(float_onnx, target, batches, head_prefix, choice, cases, map_float,
-                                      (data, imgsz, batch, workers, tolerance), len(files))
+            return _quantise_and_gate(float_onnx, target, head_prefix, choice, cases, map_float, calibration)
         except ValueError as err:
             failures.append(f"ops '{choice}': {err}")
             if choice != choices[-1]:
@@ -458,50 +452,84 @@ def export_int8(float_onnx: Path, target: Path, data, shape: Sequence[int], stri
     raise ExportError(f"onnx_int8 export of {target.name} failed: {'; '.join(failures)}")
 
 
-def _quantise_and_gate(float_onnx: Path, target: Path, batches, head_prefix: str, ops: str, cases,
-                       map_float: float, val_args, n_calib: int) -> ExportResult:
+def _quantise_and_gate(float_onnx: Path, target: Path, head_prefix: str, ops: str, cases, map_float: float,
+                       calibration: _Calibration) -> ExportResult:
     """One quantisation of `float_onnx` with `ops`, written to `target` only if it passes the gate."""
     from engine import quantize
 
-    data, imgsz, batch, workers, tolerance = val_args
-    extra = {"int8": {"calibration_images": n_calib, "data": Path(str(data)).name}}
+    extra = {"int8": {"calibration_images": calibration.images, "data": Path(str(calibration.data)).name}}
     with atomic_path(target, keep_suffix=True) as tmp:
-        kept = quantize.quantize_onnx_int8(float_onnx, tmp, batches, head_prefix, extra, ops=ops)
+        kept = quantize.quantize_onnx_int8(float_onnx, tmp, calibration.batches, head_prefix, extra, ops=ops)
         checks = _int8_output_checks("onnx_int8", InferenceBackend(tmp), cases)
-        map_int8 = quantize.val_map(tmp, data, imgsz, batch, workers)
-        drop = quantize.check_int8_accuracy(map_float, map_int8, tolerance)
+        map_int8 = calibration.val_map(tmp)
+        drop = quantize.check_int8_accuracy(map_float, map_int8, calibration.tolerance)
     LOGGER.info(f"onnx_int8: export success, saved as {target} ({_size_mb(target):.1f} MB; ops '{ops}', "
                 f"{len(kept)} nodes kept float32)")
-    metrics = {"map_float": map_float, "map_int8": map_int8, "drop": drop, "ops": ops}
+    metrics = {"map_float": map_float, "map_int8": map_int8, "drop": drop, "ops": ops, "method": "qdq"}
     return ExportResult(target, checks, metrics)
 
 
-def export_openvino_int8(onnx_int8: ExportResult, target: Path, stem: str, cases, gate_args) -> ExportResult:
+def export_openvino_int8(onnx_int8: ExportResult, target: Path, stem: str, cases,
+                         calibration: _Calibration) -> ExportResult:
     """The accepted INT8 ONNX file converted to an OpenVINO IR (`<stem>_int8_openvino_model/`; OpenVINO
     runs its quantise/dequantise pairs as int8 ops), accepted only if its own val mAP50-95 is within the
     tolerance of the float ONNX model's (the same gate as the ONNX file: the two runtimes fuse and round
     differently)."""
+    meta = read_onnx_metadata(onnx_int8.path)
+    map_float = onnx_int8.metrics["map_float"]
+
+    def write(tmp: Path) -> None:
+        write_openvino_from_onnx(onnx_int8.path, tmp, meta, f"{stem}_int8")
+
+    result = _gate_int8_dir(target, write, cases, calibration, map_float)
+    result.metrics.update(ops=onnx_int8.metrics["ops"], method="qdq")
+    return result
+
+
+def export_openvino_nncf(float_ir: Path, target: Path, head_prefix: str, calibration: _Calibration, cases,
+                         preset: str) -> ExportResult:
+    """NNCF post-training quantisation of the verified float IR `float_ir` (engine.quantize_openvino)
+    into `target` (`<stem>_int8_openvino_model/`), accepted only if its val mAP50-95 is within the
+    tolerance of the float IR's own."""
+    from engine.quantize_openvino import quantize_openvino_ir
+
+    xml, _ = openvino_model_files(float_ir)
+    meta = read_openvino_metadata(float_ir)
+    map_float = calibration.val_map(float_ir)
+    settings: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        out_xml = tmp / f"{xml.stem}_int8.xml"
+        settings.update(quantize_openvino_ir(xml, out_xml, calibration.batches, head_prefix, preset))
+        settings["data"] = Path(str(calibration.data)).name
+        ov_meta = {**meta, "precision": "int8", "int8": settings}
+        (tmp / "metadata.yaml").write_text(yaml.safe_dump(ov_meta, sort_keys=False))
+
+    result = _gate_int8_dir(target, write, cases, calibration, map_float)
+    result.metrics.update(ops=f"nncf {preset}", method="nncf", model_type=settings.get("model_type"))
+    return result
+
+
+def _gate_int8_dir(target: Path, write: Callable[[Path], None], cases, calibration: _Calibration,
+                   map_float: float) -> ExportResult:
+    """Write an INT8 OpenVINO folder into a temporary folder, log its output distance, and rename it
+    to `target` only when its val mAP50-95 is within the tolerance of `map_float`."""
     from engine import quantize
 
-    data, tolerance, workers = gate_args
-    meta = read_onnx_metadata(onnx_int8.path)
-    imgsz, batch = max(meta["shape"][2:]), meta["shape"][0]
-    map_float = onnx_int8.metrics["map_float"]
     with atomic_dir(target) as tmp:
         try:
-            write_openvino_from_onnx(onnx_int8.path, tmp, meta, f"{stem}_int8")
+            write(tmp)
         except Exception as err:
             raise ExportError(f"openvino_int8 export of {target.name} failed: {type(err).__name__}: "
                               f"{err}") from err
         checks = _int8_output_checks("openvino_int8", InferenceBackend(tmp), cases)
-        map_int8 = quantize.val_map(tmp, data, imgsz, batch, workers)
+        map_int8 = calibration.val_map(tmp)
         try:
-            drop = quantize.check_int8_accuracy(map_float, map_int8, tolerance)
+            drop = quantize.check_int8_accuracy(map_float, map_int8, calibration.tolerance)
         except ValueError as err:
             raise ExportError(f"openvino_int8 export of {target.name} failed: {err}") from err
     LOGGER.info(f"openvino_int8: export success, saved as {target} ({_size_mb(target):.1f} MB)")
-    metrics = {"map_float": map_float, "map_int8": map_int8, "drop": drop, "ops": onnx_int8.metrics["ops"]}
-    return ExportResult(target, checks, metrics)
+    return ExportResult(target, checks, {"map_float": map_float, "map_int8": map_int8, "drop": drop})
 
 
 def _int8_output_checks(fmt: str, backend, cases) -> list[Verification]:
@@ -516,15 +544,9 @@ def _int8_output_checks(fmt: str, backend, cases) -> list[Verification]:
     return checks
 
 
-def export_model(weights: str | Path, include: Sequence[str] = ("torchscript", "onnx"),
-                 imgsz: int | Sequence[int] = (640, 640), batch_size: int = 1, dynamic: bool = False,
-                 opset: int | None = None, simplify: bool = False, half: bool = False,
-                 device: str | torch.device = "cpu", **int8_options) -> dict[str, Path]:
-    """Export and verify (see export_and_verify, whose int8 options pass through); returns
-    {format: path of the exported file}."""
-    results = export_and_verify(weights, include, imgsz, batch_size, dynamic, opset, simplify, half, device,
-                                **int8_options)
-    return {fmt: result.path for fmt, result in results.items()}
+def export_model(weights: str | Path, options: ExportOptions | None = None, **fields) -> dict[str, Path]:
+    """Export and verify (see export_and_verify); returns {format: path of the exported file}."""
+    return {fmt: result.path for fmt, result in export_and_verify(weights, options, **fields).items()}
 
 
 def _size_mb(path: Path) -> float:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from engine.callbacks import RESULT_COLUMNS, Callback, EarlyStopping, default_callbacks
+from engine.callbacks import Callback, EarlyStopping, check_unique_names, default_callbacks
 from engine.checkpoint import checkpoint_dict, load_checkpoint, load_detection_model, rng_state, set_rng_state
 from engine.validator import Validator, ValOptions, ValResults
 from engine.weights import (
@@ -47,10 +47,14 @@ from engine.weights import (
 from models.yolo import DetectionModel
 from utils.general import yaml_save
 from utils.hyp import check_hyp
+from models.heads import is_anchor_free
 from utils.loss import ComputeLoss, scale_loss_gains
+from utils.loss_af import build_criterion
 from utils.metrics import fitness, labels_to_class_weights, labels_to_image_weights
 from utils.optim import (
     ModelEMA,
+    OptimizerChoice,
+    choose_optimizer,
     clip_gradients,
     de_parallel,
     lr_lambda,
@@ -63,7 +67,7 @@ from utils.torch_utils import init_seeds
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 NOMINAL_BATCH = 64  # YOLOv5's nbs: gradients are accumulated up to this many images per step
-__all__ = ["NOMINAL_BATCH", "RESULT_COLUMNS", "TrainOptions", "Trainer", "distributed_env", "save_run_config"]
+__all__ = ["NOMINAL_BATCH", "TrainOptions", "Trainer", "distributed_env", "save_run_config"]
 
 
 def distributed_env() -> tuple[int, int, int]:
@@ -96,7 +100,7 @@ class TrainOptions:
     cache: str | None = None
     multi_scale: bool = False
     single_cls: bool = False
-    optimizer: str = "SGD"
+    optimizer: str = "auto"  # auto: AdamW for short schedules, SGD for long (utils/optim.choose_optimizer)
     cos_lr: bool = False
     label_smoothing: float = 0.0
     patience: int = 100
@@ -117,6 +121,8 @@ class TrainOptions:
     image_weights: bool = False  # --image-weights: sample images by their classes' weakness (YOLOv5)
     quad: bool = False  # --quad: 4 images of a batch become one at twice the size (YOLOv5's collate_fn4)
     amp: bool = False  # --amp: bf16 autocast on a CPU with native bf16 (CUDA always uses float16 AMP)
+    channels_last: bool = False  # --channels-last: model weights and input batches in NHWC memory format
+    compile: bool = False  # --compile: torch.compile the training forward (eager again if compiling fails)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainOptions:
@@ -133,11 +139,25 @@ class TrainOptions:
 class Trainer:
     """One training run: `Trainer(options, device).run()` trains and returns the last validation results.
 
-    All state is declared here; `setup()` builds the model, optimiser and loaders (and restores a
-    checkpoint on resume); `run()` loops over epochs, calling the callbacks at each point.
+    All state is declared here; `setup()` builds the model, loaders, optimiser, scheduler and loss (and
+    restores a checkpoint on resume); `run()` loops over epochs, calling the callbacks at each point.
+
+    A subclass changes a part by overriding its build step (each returns the part; setup() stores it):
+
+        build_model(resume)   -> DetectionModel   (resume: the checkpoint dict being resumed, or None)
+        build_dataloaders()   -> (train_loader, train_set, val_loader or None)
+        build_optimizer()     -> torch.optim.Optimizer        (self.model and self.options are set)
+        build_scheduler()     -> an LR scheduler stepped once per epoch (self.optimizer is set)
+        build_criterion()     -> callable(preds, targets) -> (loss scalar, loss items (3,))
+        build_callbacks()     -> the default callbacks (`defaults=` replaces this list per instance)
+
+    callbacks: added after the defaults. defaults: the default callbacks to use instead of
+    `build_callbacks()` (e.g. `replace_callbacks(default_callbacks(options), checkpoint=Mine())`, or []
+    for none). See engine/callbacks.py and docs/training-engine.md.
     """
 
-    def __init__(self, options: TrainOptions, device: torch.device, callbacks: list[Callback] | None = None):
+    def __init__(self, options: TrainOptions, device: torch.device, callbacks: list[Callback] | None = None,
+                 defaults: list[Callback] | None = None):
         self.options, self.device = options, device
         self.save_dir = Path(options.save_dir)
         self.weights_dir = self.save_dir / "weights"
@@ -154,6 +174,7 @@ class Trainer:
         self.nc = 0
         self.model: DetectionModel | None = None
         self.net: torch.nn.Module | None = None  # the model, DDP-wrapped when distributed
+        self.compiled_net: torch.nn.Module | None = None  # --compile: torch.compile(self.net), None if eager
         self.ema: ModelEMA | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_lambda = None
@@ -181,10 +202,14 @@ class Trainer:
         self.mean_losses = torch.zeros(3)
         self.lrs: list[float] = []
         self.val_results: ValResults | None = None
+        self.metrics = ValResults().as_row()  # [P, R, mAP50, mAP50-95, 3 val losses]; zeros when not validated
         self.fitness = 0.0
         self.stop_requested = False
         self.final_results: ValResults | None = None
-        self.callbacks: list[Callback] = default_callbacks(self) + list(callbacks or [])
+        chosen = self.build_callbacks() if defaults is None else list(defaults)
+        self.callbacks: list[Callback] = [c for c in [*chosen, *(callbacks or [])]
+                                          if self.is_main or not getattr(c, "main_process_only", False)]
+        check_unique_names(self.callbacks)
 
     # -- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -196,30 +221,85 @@ class Trainer:
         self.nc = 1 if o.single_cls else int(self.data["nc"])
         self.names = ["item"] if o.single_cls and len(self.data["names"]) != 1 else list(self.data["names"])
         resume = load_checkpoint(o.resume_path) if o.resume_path else None
-        self.model = self._build_model(resume).to(self.device)
+        self.model = self.build_model(resume).to(self.device)
+        if o.channels_last:  # the images follow in _train_step; EMA and checkpoints keep the format
+            self.model.to(memory_format=torch.channels_last)
         self.grid_size = max(int(self.model.stride.max()), 32)
         if o.imgsz % self.grid_size:
             raise ValueError(f"--imgsz {o.imgsz} must be a multiple of the max stride {self.grid_size}")
-        weight_decay = scale_weight_decay(o.hyp["weight_decay"], self.batch_size, NOMINAL_BATCH)
-        lr_scales = parameter_lr_scales(self.model, o.hyp.get("backbone_lr_mult", 1.0),
-                                        o.hyp.get("layer_decay", 1.0))
-        self.optimizer = smart_optimizer(self.model, o.optimizer, o.hyp["lr0"], o.hyp["momentum"],
-                                         weight_decay, lr_scales=lr_scales)
-        self.lr_lambda = lr_lambda(o.epochs, o.hyp["lrf"], o.cos_lr)
-        self.scheduler = LambdaLR(self.optimizer, lr_lambda=self.lr_lambda)
+        self.train_loader, self.train_set, self.val_loader = self.build_dataloaders()
+        self._choose_optimizer(resume)  # the auto rule needs the train set's size
+        self.optimizer = self.build_optimizer()
+        self.lr_lambda = lr_lambda(o.epochs, o.hyp["lrf"], o.cos_lr)  # also the target of the warmup
+        self.scheduler = self.build_scheduler()
         self.ema = ModelEMA(self.model) if self.is_main else None
-        self._make_loaders()
         if resume is not None:
             self.load_state_dict(resume)
-        elif not o.noautoanchor:
+        elif not o.noautoanchor and not is_anchor_free(self.model.model[-1]):  # DetectAF has no anchors
             self._check_anchors()
         self._attach_hyp()
         self.batches_per_epoch = len(self.train_loader)
         self.warmup_iterations = warmup_iterations(o.hyp, self.batches_per_epoch)
-        self.compute_loss = ComputeLoss(self.model)
+        self.compute_loss = self.build_criterion()
         self.net = self._wrap_ddp(self.model)
+        self.compiled_net = self._compile(self.net)
 
-    def _build_model(self, resume: dict | None) -> DetectionModel:
+    # -- build steps: a subclass overrides these (see the class docstring) ------------------------------
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """YOLOv5's three parameter groups (per lr scale) for --optimizer, with the batch-scaled weight decay
+        and the hyp's backbone_lr_mult / layer_decay."""
+        o = self.options
+        weight_decay = scale_weight_decay(o.hyp["weight_decay"], self.batch_size, NOMINAL_BATCH)
+        lr_scales = parameter_lr_scales(self.model, o.hyp.get("backbone_lr_mult", 1.0),
+                                        o.hyp.get("layer_decay", 1.0))
+        return smart_optimizer(self.model, o.optimizer, o.hyp["lr0"], o.hyp["momentum"], weight_decay,
+                               lr_scales=lr_scales)
+
+    def build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """The per-epoch learning-rate factor `self.lr_lambda` (linear or --cos-lr, down to lrf)."""
+        return LambdaLR(self.optimizer, lr_lambda=self.lr_lambda)
+
+    def build_criterion(self):
+        """The training loss, called as `criterion(preds, targets) -> (loss, loss_items)`: loss is the
+        batch's scalar (already multiplied by the batch size, as YOLOv5's), loss_items its 3 parts
+        (logged as box, obj, cls). Built after the hyp is attached to the model (model.hyp)."""
+        return build_criterion(self.model)  # utils.loss_af: ComputeLoss (Detect), AnchorFreeLoss (DetectAF)
+
+    def build_callbacks(self) -> list[Callback]:
+        """The default callbacks of this trainer (see engine/callbacks.default_callbacks)."""
+        return default_callbacks(self.options)
+
+    def _choose_optimizer(self, resume: dict | None) -> None:
+        """Resolve --optimizer (auto by default) into an optimiser and its lr0 / momentum / warmup_bias_lr,
+        written into the options and hyperparameters, so checkpoints carry the choice. A resumed run keeps
+        the choice its checkpoint recorded."""
+        o = self.options
+        if resume is not None:
+            o.optimizer = resume["opt"]["optimizer"]
+            o.hyp.update({key: resume["hyp"][key] for key in OptimizerChoice.HYP_KEYS})
+            return
+        choice = choose_optimizer(o.optimizer, o.hyp, len(self.train_set), self.batch_size, o.epochs, self.nc,
+                                  NOMINAL_BATCH)
+        choice.apply_to(o.hyp)
+        o.optimizer = choice.name
+        if self.is_main:
+            LOGGER.info(f"optimizer: {choice.name}(lr0={choice.lr0:g}, momentum={choice.momentum:g}, "
+                        f"warmup_bias_lr={choice.warmup_bias_lr:g}): {choice.reason}")
+
+    def mosaic_closed(self, epoch: int) -> bool:
+        """True from the epoch on where mosaic stops: the last `close_mosaic` epochs train on single,
+        letterboxed images (as validation sees them). Decided from the epoch alone, so resumes agree."""
+        return epoch >= self.options.epochs - int(self.options.hyp.get("close_mosaic", 0))
+
+    def _update_mosaic(self, epoch: int) -> None:
+        dataset = self.train_set
+        wanted = dataset.augment and not dataset.rect and not self.mosaic_closed(epoch)
+        if dataset.mosaic and not wanted and self.is_main:
+            LOGGER.info(f"closing mosaic: epochs {epoch}-{self.options.epochs - 1} train without it "
+                        f"(close_mosaic: {self.options.hyp.get('close_mosaic', 0)})")
+        dataset.mosaic = wanted
+
+    def build_model(self, resume: dict | None) -> DetectionModel:
         """The model: from the checkpoint to resume, from --weights (our checkpoint, tensors transferred) or
         from --cfg; then --backbone-weights, the hyp's `drop_path` and --freeze.
 
@@ -267,6 +347,7 @@ class Trainer:
         LOGGER.info(f"Epoch {epoch}: unfreezing {len(self.frozen)} parameter tensors (--freeze-epochs {k})")
         if self.rank != -1:
             self.net = self._wrap_ddp(self.model)
+            self.compiled_net = self._compile(self.net)
 
     def _check_anchors(self) -> None:
         from utils.autoanchor import check_anchors
@@ -283,7 +364,9 @@ class Trainer:
         loss_hyp["label_smoothing"] = o.label_smoothing
         self.model.hyp, self.model.names, self.model.nc = loss_hyp, self.names, self.nc
 
-    def _make_loaders(self) -> None:
+    def build_dataloaders(self) -> tuple[Any, Any, Any]:
+        """(train loader, train dataset, val loader or None): each process loads its share of the total
+        --batch-size; only the main process validates (at twice the per-process batch, as YOLOv5)."""
         from data.loaders import create_dataloader
 
         o = self.options
@@ -291,17 +374,19 @@ class Trainer:
         self._check_sampling_options(per_rank)
         common = dict(single_cls=o.single_cls, hyp=o.hyp, cache=o.cache or False, names=self.data["names"],
                       names_source=self.data.get("yaml_file"))
-        self.train_loader, self.train_set = create_dataloader(
+        train_loader, train_set = create_dataloader(
             self.data["train"], o.imgsz, per_rank, self.grid_size, augment=True, rect=o.rect,
-            rank=self.local_rank, workers=o.workers, prefix="train: ", shuffle=True, seed=o.seed,
+            rank=self.rank, workers=o.workers, prefix="train: ", shuffle=True, seed=o.seed,
             image_weights=o.image_weights, quad=o.quad, **common)
-        labels = [lb for lb in self.train_set.labels if len(lb)]
+        labels = [lb for lb in train_set.labels if len(lb)]
         if labels and (max_cls := int(np.concatenate(labels, 0)[:, 0].max())) >= self.nc:
             raise ValueError(f"label class {max_cls} exceeds nc={self.nc} in {o.data}; allowed 0..{self.nc - 1}")
+        val_loader = None
         if self.is_main and self.data.get("val"):
-            self.val_loader, _ = create_dataloader(
+            val_loader, _ = create_dataloader(
                 self.data["val"], o.imgsz, per_rank * 2, self.grid_size, rect=True, rank=-1, workers=o.workers * 2,
                 pad=0.5, prefix="val: ", **common)
+        return train_loader, train_set, val_loader
 
     def _check_sampling_options(self, per_rank: int) -> None:
         o = self.options
@@ -347,6 +432,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng_state(), "last_opt_step": self.last_opt_step,
             "accumulate": self.accumulate, "maps": [float(m) for m in self.maps],
+            "early_stopping": self.stopper.state_dict(),
         }
         for callback in self.callbacks:
             if callback.state_key:
@@ -363,6 +449,8 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict({"model": ckpt["ema"], "updates": ckpt["updates"]})
+        if ckpt.get("early_stopping") is not None:
+            self.stopper.load_state_dict(ckpt["early_stopping"])
         for callback in self.callbacks:
             if callback.state_key and ckpt.get(callback.state_key) is not None:
                 callback.load_state_dict(ckpt[callback.state_key])
@@ -399,12 +487,14 @@ class Trainer:
         for epoch in range(self.start_epoch, self.options.epochs):
             self.epoch = epoch
             self._update_frozen(epoch)
+            self._update_mosaic(epoch)
             self._emit("before_epoch")
             self._train_epoch()
             self.lrs = [g["lr"] for g in self.optimizer.param_groups]
             self.scheduler.step()
             if self.is_main:
                 self._validate_epoch()
+                self._update_early_stopping()
             self._emit("after_epoch")
             if self._broadcast_stop(self.stop_requested):
                 break
@@ -462,8 +552,10 @@ class Trainer:
         if self.options.multi_scale:
             imgs = self._random_rescale(imgs)
             self.batch = (imgs, targets, paths)
+        if self.options.channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            loss, loss_items = self.compute_loss(self.net(imgs), targets.to(self.device))
+            loss, loss_items = self.compute_loss(self._forward(imgs), targets.to(self.device))
             if self.options.quad:
                 loss = loss * 4  # YOLOv5: a quad image stands for four
             if self.rank != -1:
@@ -477,6 +569,25 @@ class Trainer:
             self._optimizer_step()
             self.last_opt_step = self.step
         return loss_items.detach()
+
+    def _compile(self, net: torch.nn.Module) -> torch.nn.Module | None:
+        """--compile: torch.compile(net) (compiled lazily, on the first batch of each new shape)."""
+        if not self.options.compile:
+            return None
+        if self.is_main:
+            LOGGER.info("--compile: the first batches are slow while torch.compile builds the kernels")
+        return torch.compile(net)
+
+    def _forward(self, imgs: torch.Tensor):
+        """The training forward: compiled with --compile, eager otherwise or once compiling has failed."""
+        if self.compiled_net is not None:
+            try:
+                return self.compiled_net(imgs)
+            except Exception as err:  # no compiler, an unsupported op, ...: training still works eagerly
+                LOGGER.warning(f"--compile: torch.compile failed ({type(err).__name__}: {str(err)[:300]}); "
+                               "training continues without it")
+                self.compiled_net = None
+        return self.net(imgs)
 
     def _random_rescale(self, imgs: torch.Tensor) -> torch.Tensor:
         """--multi-scale: a random size in [0.5, 1.5] x imgsz, a multiple of the max stride."""
@@ -510,9 +621,17 @@ class Trainer:
                                  save_dir=self.save_dir, plots=False, training=True)
             self.val_results = Validator(self.val_loader, self.names, options, self.compute_loss)(self.ema.ema)
             self.maps = np.asarray(self.val_results.maps, dtype=float)
-        row = self.val_results.as_row() if self.val_results is not None else [0.0] * 7
-        self.fitness = float(fitness(np.array(row[:4]).reshape(1, -1))[0])
+        self.metrics = (self.val_results if self.val_results is not None else ValResults()).as_row()
+        self.fitness = float(fitness(np.array(self.metrics[:4]).reshape(1, -1))[0])
         self.best_fitness = max(self.best_fitness, self.fitness)
+
+    def _update_early_stopping(self) -> None:
+        """The trainer's own stop rule (--patience), decided before the after_epoch callbacks run, so each
+        of them (the checkpoint's state included) sees this epoch's decision whatever its place."""
+        if self.stopper.update(self.epoch, self.fitness):
+            LOGGER.info(f"Stopping training early as no improvement observed in last {self.stopper.patience} "
+                        f"epochs. Best results observed at epoch {self.stopper.best_epoch}.")
+            self.stop_requested = True
 
     def _broadcast_stop(self, stop: bool) -> bool:
         if self.rank == -1:

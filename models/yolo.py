@@ -21,6 +21,7 @@ from torch import nn
 from models.backbones import BACKBONES, Backbone
 from models.backbones.layers import reparameterize_modules
 from models.common import SPP, SPPF, C3, BottleneckCSP, Bottleneck, Concat, Conv, DWConv, Focus
+from models.heads import DetectAF
 from utils.general import make_divisible, resolve_config, yaml_load
 
 LOGGER = logging.getLogger("vitdet." + __name__)
@@ -122,6 +123,7 @@ MODULES: dict[str, type[nn.Module]] = {
     "Focus": Focus,
     "Concat": Concat,
     "Detect": Detect,
+    "DetectAF": DetectAF,
     "nn.Upsample": nn.Upsample,
     "nn.Identity": nn.Identity,
     "nn.BatchNorm2d": nn.BatchNorm2d,
@@ -275,6 +277,9 @@ def _module_args(m, f, n, args, ch, symbols, gd, gw, no, i, row):
         if isinstance(args[1], int):  # number of anchors per level: placeholder anchors
             args[1] = [list(range(args[1] * 2))] * len(sources)
         out_ch = None
+    elif m is DetectAF:
+        args.insert(1, in_ch)  # DetectAF(nc, ch, reg_max=16)
+        out_ch = None
     else:
         out_ch = in_ch[0]
     return args, n, out_ch
@@ -299,8 +304,10 @@ def _anchors_problem(anchors: Any) -> str | None:
 def check_model_dict(d: dict) -> None:
     """The top-level keys of a model YAML, all problems in one ModelConfigError: nc a positive int,
     depth_multiple and width_multiple positive numbers, anchors, and backbone/head lists of rows."""
-    problems = [f"missing the key {key!r}" for key in ("nc", "depth_multiple", "width_multiple", "anchors",
-                                                        "backbone", "head") if key not in d]
+    required = ("nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head")
+    if not _uses_anchors(d):
+        required = tuple(k for k in required if k != "anchors")  # an anchor-free head needs none
+    problems = [f"missing the key {key!r}" for key in required if key not in d]
     if "nc" in d and not (isinstance(d["nc"], int) and not isinstance(d["nc"], bool) and d["nc"] > 0):
         problems.append(f"'nc' (number of classes) must be a positive integer, got {d['nc']!r}")
     for key in ("depth_multiple", "width_multiple"):
@@ -315,10 +322,16 @@ def check_model_dict(d: dict) -> None:
         raise ModelConfigError("model YAML: " + "; ".join(problems))
 
 
+def _uses_anchors(d: dict) -> bool:
+    """Whether some row of the model dict is the anchor-based Detect (anchor-free YAMLs have no anchors)."""
+    rows = [r for key in ("backbone", "head") if isinstance(d.get(key), list) for r in d[key]]
+    return any(isinstance(r, (list, tuple)) and len(r) == 4 and r[2] == "Detect" for r in rows)
+
+
 def parse_model(d: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
     """Build the layers of a model dict (a parsed YAML); returns (nn.Sequential, sorted saved indices)."""
     check_model_dict(d)
-    nc, gd, gw, anchors = d["nc"], d["depth_multiple"], d["width_multiple"], d["anchors"]
+    nc, gd, gw, anchors = d["nc"], d["depth_multiple"], d["width_multiple"], d.get("anchors", 0)
     na = len(anchors[0]) // 2 if isinstance(anchors, list) else anchors
     no = na * (nc + 5)
     symbols = {"nc": nc, "anchors": anchors, "None": None}
@@ -400,14 +413,15 @@ class DetectionModel(nn.Module):
         self.names = [str(i) for i in range(self.yaml["nc"])]
         self.nc = self.yaml["nc"]
         detect = self.model[-1]
-        if not isinstance(detect, Detect):
-            raise ModelConfigError(f"the last row of the model YAML must be Detect, got {detect.type}")
+        if not isinstance(detect, (Detect, DetectAF)):
+            raise ModelConfigError(f"the last row of the model YAML must be Detect or DetectAF, got "
+                                   f"{detect.type}")
         self._init_strides(detect, ch)
         self.stride = detect.stride.clone()
         self._initialize_biases()
 
     # -- build-time probing ------------------------------------------------------------------
-    def _init_strides(self, detect: Detect, ch: int) -> None:
+    def _init_strides(self, detect: Detect | DetectAF, ch: int) -> None:
         """Run one probe forward: read Detect's strides from its maps and check the backbone outputs."""
         was_training = self.training
         self.eval()
@@ -415,6 +429,8 @@ class DetectionModel(nn.Module):
             shapes = self._probe_detect_inputs(torch.zeros(1, ch, PROBE_SIZE, PROBE_SIZE))
         self.train(was_training)
         detect.stride.copy_(torch.tensor([PROBE_SIZE / s[-2] for s in shapes]))
+        if isinstance(detect, DetectAF):
+            return
         detect.sort_anchors_by_stride()
         detect.anchors /= detect.stride.view(-1, 1, 1)
 
@@ -430,6 +446,9 @@ class DetectionModel(nn.Module):
     def _initialize_biases(self) -> None:
         """YOLOv5's prior: objectness ~8 objects per 640 image per level, classes ~0.6/nc."""
         detect = self.model[-1]
+        if isinstance(detect, DetectAF):
+            detect.initialize_biases()
+            return
         for conv, s in zip(detect.m, detect.stride):
             b = conv.bias.view(detect.na, -1)
             b.data[:, 4] += math.log(8 / (640 / s) ** 2)

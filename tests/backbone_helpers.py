@@ -129,12 +129,14 @@ def detection_yaml(backbone: str, variant: str, nc: int = 3) -> dict:
 
 
 def training_loss(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """YOLOv5's loss of a DetectionModel in train mode on `images` with two boxes per image."""
-    from utils.loss import ComputeLoss, scale_loss_gains
+    """The loss of a DetectionModel in train mode on `images` with two boxes per image (YOLOv5's for
+    Detect, the anchor-free loss for DetectAF)."""
+    from utils.loss import scale_loss_gains
+    from utils.loss_af import build_criterion
 
     hyp = yaml_load(ROOT / "configs" / "hyps" / "hyp.scratch-low.yaml")
     model.hyp = scale_loss_gains(hyp, nl=model.model[-1].nl, nc=model.nc, imgsz=images.shape[-1])
     boxes = [[0, 0.5, 0.5, 0.3, 0.4], [min(1, model.nc - 1), 0.25, 0.7, 0.2, 0.2]]
     targets = torch.tensor([[i, *box] for i in range(images.shape[0]) for box in boxes])
-    loss, _ = ComputeLoss(model)(model(images), targets)
+    loss, _ = build_criterion(model)(model(images), targets)
     return loss

@@ -372,6 +372,7 @@ YAMLS = {
     "yolov5-efficientvit-m0.yaml": "m0",
     "yolov5-efficientvit-m5.yaml": "m5",
 }
+YAMLS["yolov5-efficientvit-af.yaml"] = YAMLS["yolov5-efficientvit.yaml"]  # with the anchor-free head
 
 
 def test_every_efficientvit_yaml_is_listed_with_its_variant():

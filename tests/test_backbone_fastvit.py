@@ -18,6 +18,7 @@ PAPER_NAMES = ("T8", "T12", "S12", "SA12", "SA24", "SA36", "MA36")
 FIXTURES = ("fastvit_t8", "fastvit_sa12")
 YAMLS = {"yolov5-fastvit.yaml": "sa12", "yolov5-fastvit-t8.yaml": "t8", "yolov5-fastvit-sa24.yaml": "sa24",
          "yolov5-fastvit-ma36.yaml": "ma36"}
+YAMLS["yolov5-fastvit-af.yaml"] = YAMLS["yolov5-fastvit.yaml"]  # the same backbone with the anchor-free head
 
 
 # -- the official checkpoint layout, written from apple/ml-fastvit's classes (independent of our module) --

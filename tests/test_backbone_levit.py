@@ -355,6 +355,7 @@ def test_reparameterize_folds_every_batch_norm_of_the_fixture_model(fixture_stat
 
 
 YAMLS = {"yolov5-levit.yaml": "128s", "yolov5-levit-256.yaml": "256", "yolov5-levit-384.yaml": "384"}
+YAMLS["yolov5-levit-af.yaml"] = YAMLS["yolov5-levit.yaml"]  # the same backbone with the anchor-free head
 
 
 def test_every_levit_yaml_is_listed_with_its_variant():

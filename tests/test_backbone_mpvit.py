@@ -39,6 +39,7 @@ PAPER_NAMES = {"tiny": ["Tiny", "T", "MPViT-T"], "xsmall": ["XSmall", "XS"], "sm
                "base": ["Base", "B"]}
 YAMLS = {"yolov5-mpvit.yaml": "tiny", "yolov5-mpvit-xsmall.yaml": "xsmall",
          "yolov5-mpvit-small.yaml": "small"}
+YAMLS["yolov5-mpvit-af.yaml"] = YAMLS["yolov5-mpvit.yaml"]  # the same backbone with the anchor-free head
 
 
 def official_key_shapes(config: MPViTConfig, num_classes: int = 1000) -> dict[str, list[int]]:

@@ -284,6 +284,7 @@ def test_no_weight_decay_names_the_layer_scales():
 # ------------------------------------------------------------------------------------------------
 
 YAMLS = {"yolov5-riformer.yaml": "s12", "yolov5-riformer-s24.yaml": "s24", "yolov5-riformer-m36.yaml": "m36"}
+YAMLS["yolov5-riformer-af.yaml"] = YAMLS["yolov5-riformer.yaml"]  # the backbone with the anchor-free head
 
 
 def test_every_riformer_yaml_is_listed_with_its_variant():

@@ -73,7 +73,9 @@ def test_int8_file_is_quantised_next_to_the_weights_with_its_metadata(int8_expor
         weight = conv.input[1]
         assert weight not in produced_by or produced_by[weight].op_type != "DequantizeLinear"
     metrics = results["onnx_int8"].metrics
-    assert set(metrics) == {"map_float", "map_int8", "drop", "ops"} and metrics["ops"] in ("full", "conv")
+    assert set(metrics) == {"map_float", "map_int8", "drop", "ops", "method"}
+    assert metrics["ops"] in ("full", "conv")
+    assert metrics["method"] == "qdq"
     assert metrics["drop"] == pytest.approx(metrics["map_float"] - metrics["map_int8"])
     assert not [p for p in weights.parent.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -174,8 +176,12 @@ def test_accuracy_gate_compares_the_drop_with_the_tolerance():
 
 def test_int8_requests_are_checked(tmp_path, tiny_data):
     weights = make_weights(tmp_path)
-    with pytest.raises(ValueError, match="add onnx to --include"):
+    with pytest.raises(ValueError, match="add onnx or openvino to --include"):
         export_model(weights, include=("torchscript",), int8=True, data=tiny_data)
+    with pytest.raises(ValueError, match="--openvino-int8 qdq converts the INT8 ONNX file; add onnx"):
+        export_model(weights, include=("openvino",), int8=True, data=tiny_data, openvino_int8="qdq")
+    with pytest.raises(ValueError, match="--int8-preset fast: expected one of mixed, performance"):
+        export_model(weights, include=("openvino",), int8=True, data=tiny_data, int8_preset="fast")
     with pytest.raises(ValueError, match="--int8 needs --data"):
         export_model(weights, include=("onnx",), int8=True)
     with pytest.raises(ValueError, match="--calib 0"):
@@ -217,14 +223,16 @@ def test_benchmarks_detect_fps_runs_the_pt_and_the_dynamic_onnx_int8_and_openvin
 
     weights = make_weights(tmp_path)
     files = benchmarks.detect_files(weights, HEAD, ("onnx", "int8", "openvino"))
-    assert set(files) == {"pt", "onnx", "int8", "int8_fixed", "openvino"} and files["pt"] == weights
+    assert set(files) == {"pt", "onnx", "int8", "int8_fixed", "openvino", "nncf"} and files["pt"] == weights
     for runtime in ("onnx", "int8", "openvino"):  # dynamic: detect.py letterboxes 640x480 frames to 640x480
         assert InferenceBackend(files[runtime]).dynamic, runtime
     assert InferenceBackend(files["int8_fixed"]).fixed_shape == (1, 480, 640)
     for name in ("int8", "int8_fixed"):
         assert read_onnx_metadata(files[name])["precision"] == "int8", name
+    assert InferenceBackend(files["nncf"]).precision == "int8"
     fps = benchmarks.detect_fps(make_model().eval(), frames=3, runtimes=("int8", "openvino"))
-    assert set(fps) == {"detect_fps", "detect_int8_fps", "detect_int8_fixed_fps", "detect_openvino_fps"}
+    assert set(fps) == {"detect_fps", "detect_int8_fps", "detect_int8_fixed_fps", "detect_openvino_fps",
+                        "detect_nncf_fps"}
     assert all(v > 0 for v in fps.values())
 
 
@@ -312,7 +320,7 @@ def test_benchmark_precision_maps_measure_every_precision_of_one_checkpoint(tmp_
     real_val_map = quantize.val_map
 
     def val_map(path, *args, bf16=False, **kwargs):
-        calls.append((Path(path).suffix or "folder", bf16))
+        calls.append(("folder" if Path(path).is_dir() else Path(path).suffix, bf16))
         return real_val_map(path, *args, bf16=bf16, **kwargs)
 
     monkeypatch.setattr(quantize, "val_map", val_map)
@@ -320,11 +328,13 @@ def test_benchmark_precision_maps_measure_every_precision_of_one_checkpoint(tmp_
     maps = dict(benchmarks.precision_maps(str(make_weights(tmp_path)), str(tiny_data), IMGSZ))
     labels = ["eager fp32", "eager bf16" + ("" if native else " (emulated)"), "ONNX Runtime fp32"]
     assert list(maps)[:3] == labels and list(maps)[3].startswith("ONNX Runtime INT8 (ops '")
-    assert list(maps)[4:] == ["OpenVINO fp32"] + (["OpenVINO bf16"] if native else [])
+    openvino = ["OpenVINO fp32", "OpenVINO INT8 (nncf mixed)"] + (["OpenVINO bf16"] if native else [])
+    assert list(maps)[4:] == openvino
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in maps.values()), maps
-    # the INT8 gate validates the float and INT8 ONNX files; then eager bf16, eager fp32 and OpenVINO
-    assert calls[-4 if native else -3:] == [(".pt", True), (".pt", False), ("folder", False)] + (
-        [("folder", True)] if native else [])
+    # the INT8 gate validates the float and INT8 ONNX files; then eager bf16, eager fp32, and the NNCF gate
+    # the float and INT8 OpenVINO folders
+    assert calls[-5 if native else -4:] == [(".pt", True), (".pt", False), ("folder", False),
+                                            ("folder", False)] + ([("folder", True)] if native else [])
     # the same float model through three runtimes: the same detections up to float rounding
     assert maps["ONNX Runtime fp32"] == pytest.approx(maps["eager fp32"], abs=0.01)
     assert maps["OpenVINO fp32"] == pytest.approx(maps["eager fp32"], abs=0.01)

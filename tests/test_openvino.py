@@ -145,7 +145,7 @@ def test_int8_with_openvino_also_writes_an_int8_ir_that_runs_quantised(tmp_path,
 
     weights = shallow_weights(tmp_path)
     results = export_and_verify(weights, include=("onnx", "openvino"), imgsz=IMGSZ, int8=True, data=tiny_data,
-                                calib=8)
+                                calib=8, openvino_int8="qdq")
     folder = results["openvino_int8"].path
     assert folder == weights.with_name("w_int8_openvino_model")
     assert {p.name for p in folder.iterdir()} == {"w_int8.xml", "w_int8.bin", "metadata.yaml"}
@@ -155,7 +155,7 @@ def test_int8_with_openvino_also_writes_an_int8_ir_that_runs_quantised(tmp_path,
     assert meta["names"] == list(CLASS_NAMES)
     assert meta["exporter"] == "vitdet" and meta["weights"] == "w.pt" and meta["imgsz"] == [IMGSZ, IMGSZ]
     metrics = results["openvino_int8"].metrics
-    assert metrics["ops"] == "full"
+    assert metrics["ops"] == "full" and metrics["method"] == "qdq"
     assert metrics["drop"] == pytest.approx(metrics["map_float"] - metrics["map_int8"])
 
     def fake_quantize_ops(xml):
@@ -181,7 +181,8 @@ def test_openvino_int8_ir_failing_the_gate_is_not_written_and_a_foreign_folder_i
     foreign = tmp_path / "w_int8_openvino_model"
     foreign.mkdir()
     (foreign / "mine.txt").write_text("keep")
-    request = dict(include=("onnx", "openvino"), imgsz=IMGSZ, int8=True, data=tiny_data, calib=4)
+    request = dict(include=("onnx", "openvino"), imgsz=IMGSZ, int8=True, data=tiny_data, calib=4,
+                   openvino_int8="qdq")
     with pytest.raises(FileExistsError, match="w_int8_openvino_model exists and is not this project's"):
         export_and_verify(weights, **request)
     assert [p.name for p in foreign.iterdir()] == ["mine.txt"]

@@ -132,10 +132,10 @@ def test_reused_folder_gets_a_fresh_csv_and_no_stale_temp_files(tmp_path, tiny_d
 
 
 def test_resumed_csv_keeps_one_row_per_earlier_epoch(tmp_path):
-    from engine.callbacks import RESULT_COLUMNS, ResultsCSV
+    from engine.callbacks import ResultsCSV, result_columns
 
     file = tmp_path / "results.csv"
-    rows = [RESULT_COLUMNS, *[[str(e), "0.1"] for e in (0, 0, 1, 0, 2, 1, 3)]]
+    rows = [result_columns(3), *[[str(e), "0.1"] for e in (0, 0, 1, 0, 2, 1, 3)]]
     with open(file, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     kept = ResultsCSV._kept_rows(file, start_epoch=3)

@@ -15,7 +15,7 @@ import torch
 
 import train
 from engine.checkpoint import load_checkpoint
-from engine.trainer import RESULT_COLUMNS
+from engine.callbacks import result_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--imgsz", "128", "--batch-size", "8", "--workers", "0", "--noautoanchor"]
@@ -41,8 +41,9 @@ def test_one_epoch_writes_yolov5_artefacts(tmp_path, tiny_data):
                  "weights/best.pt"]:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     rows = _rows(run)
-    assert tuple(rows[0]) == RESULT_COLUMNS and len(rows) == 1
     ckpt = torch.load(run / "weights" / "last.pt", weights_only=True)
+    groups = len(ckpt["optimizer"]["param_groups"])
+    assert groups == 3 and tuple(rows[0]) == result_columns(groups) and len(rows) == 1  # YOLOv5's x/lr0..2
     assert ckpt["epoch"] == 0 and ckpt["names"][0] == "circle" and ckpt["nc"] == 6
     assert set(ckpt) >= {"model", "ema", "optimizer", "scheduler", "opt", "hyp", "rng", "best_fitness", "yaml"}
     assert not list(run.glob("weights/.*tmp"))  # no temporary files left behind

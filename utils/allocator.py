@@ -17,7 +17,6 @@ variable VITDET_MALLOC=default turns it off.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -38,7 +37,10 @@ def keep_freed_memory() -> bool:
     if os.environ.get("VITDET_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        # The C library already loaded in this process, not ctypes.util.find_library("c"): that runs
+        # `ldconfig -p` in a subprocess, and forking a large multi-threaded process (ONNX Runtime, OpenVINO
+        # and OpenMP threads) on every val/detect call crashed the test run on an AVX2 machine.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

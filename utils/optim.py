@@ -25,11 +25,12 @@ has them back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +39,14 @@ from torch import nn
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
+AUTO = "auto"  # --optimizer auto (the default): `choose_optimizer` picks one of OPTIMIZERS for the schedule
+
+# --optimizer auto: schedules with more optimiser steps than this train with YOLOv5's SGD recipe (the hyp
+# file's lr0 and momentum), shorter ones with AdamW at a learning rate scaled to the number of classes.
+# Ultralytics' rule and threshold: short schedules on small datasets (BCCD, 50 epochs: 200 steps) learn far
+# more with AdamW (docs/training.md has the measurements); COCO-size schedules (300 epochs of 118k images:
+# 550k steps) are where YOLOv5's SGD recipe was tuned.
+AUTO_SGD_MIN_STEPS = 10_000
 
 # Substrings of parameter names that never decay, whatever module holds them (timm's conventions and
 # the names our backbones use). A safety net for modules that do not declare `no_weight_decay()`.
@@ -124,6 +133,49 @@ def _group_of(full_name: str, param_name: str, in_norm: bool, declared: set[str]
 
 
 GROUP_KINDS = ("bias", "decay", "no_decay")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerChoice:
+    """The optimiser a run uses and the hyp values that go with it (lr0, momentum, warmup_bias_lr)."""
+
+    name: str
+    lr0: float
+    momentum: float
+    warmup_bias_lr: float
+    reason: str  # one line for the log: why these values
+    HYP_KEYS: ClassVar[tuple[str, ...]] = ("lr0", "momentum", "warmup_bias_lr")  # the values it sets
+
+    def apply_to(self, hyp: dict[str, Any]) -> None:
+        """Write the chosen values into the run's hyperparameters (checkpoints keep them, so a resume
+        rebuilds the same optimiser)."""
+        hyp.update(lr0=self.lr0, momentum=self.momentum, warmup_bias_lr=self.warmup_bias_lr)
+
+
+def optimizer_steps(n_images: int, batch_size: int, epochs: int, nbs: int = 64) -> int:
+    """Optimiser steps of a schedule: gradients accumulate to at least `nbs` images per step."""
+    return math.ceil(n_images / max(batch_size, nbs)) * epochs
+
+
+def choose_optimizer(name: str, hyp: Mapping[str, Any], n_images: int, batch_size: int, epochs: int,
+                     nc: int, nbs: int = 64) -> OptimizerChoice:
+    """The optimiser for `--optimizer name`: an explicit name keeps the hyp file's lr0 and momentum; 'auto'
+    picks SGD with them for schedules of more than AUTO_SGD_MIN_STEPS optimiser steps, else AdamW with
+    lr0 = 0.002 * 5 / (4 + nc), beta1 0.9 and no bias warmup (Ultralytics' rule for short schedules)."""
+    keep = OptimizerChoice(name, float(hyp["lr0"]), float(hyp["momentum"]), float(hyp["warmup_bias_lr"]),
+                           "as requested, lr0 and momentum from the hyperparameters")
+    if name != AUTO:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join((AUTO, *OPTIMIZERS))}")
+        return keep
+    steps = optimizer_steps(n_images, batch_size, epochs, nbs)
+    if steps > AUTO_SGD_MIN_STEPS:
+        return dataclasses.replace(keep, name="SGD", reason=f"auto: {steps} optimizer steps > "
+                                   f"{AUTO_SGD_MIN_STEPS}: SGD with the hyperparameters' lr0 and momentum")
+    lr0 = round(0.002 * 5 / (4 + nc), 6)
+    return OptimizerChoice("AdamW", lr0, 0.9, 0.0, f"auto: {steps} optimizer steps <= {AUTO_SGD_MIN_STEPS}: "
+                           f"AdamW with lr0 = 0.002 * 5 / (4 + nc={nc}) = {lr0}, momentum 0.9, warmup_bias_lr 0 "
+                           "(--optimizer SGD/Adam/AdamW keeps the hyp file's values)")
 
 
 def smart_optimizer(

@@ -26,7 +26,7 @@ def _default_registry() -> Registry:
 
 def _families() -> list:
     """(class, {alias: variant}) for each shipped family; imported here so a broken family fails loudly."""
-    from . import efficientvit, fastvit, levit, mpvit, riformer
+    from . import efficientvit, fastvit, levit, mpvit, riformer, timm_node, torchvision_node
 
     # Each family module holds its class and ALIASES = {YAML-usable alias: variant}.
     return [
@@ -35,6 +35,8 @@ def _families() -> list:
         (fastvit.FastViT, fastvit.ALIASES),
         (mpvit.MPViT, mpvit.ALIASES),
         (levit.LeViT, levit.ALIASES),
+        (timm_node.Timm, {}),
+        (torchvision_node.TorchVision, {}),
     ]
 
 

@@ -22,6 +22,7 @@ LOGGER = logging.getLogger("vitdet." + __name__)
 class Entry:
     cls: type[Backbone]
     variant: str | None = None  # bound variant for aliases such as EfficientViT_M0
+    source: str | None = None   # the plugin file that registered it (None: shipped with the project)
 
 
 class Registry:
@@ -30,7 +31,8 @@ class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
 
-    def add(self, name: str, cls: type[Backbone], variant: str | None = None) -> None:
+    def add(self, name: str, cls: type[Backbone], variant: str | None = None,
+            source: str | None = None) -> None:
         if name in self._entries:
             raise KeyError(f"backbone name {name!r} is registered twice ({self._entries[name].cls.__name__}, "
                            f"{cls.__name__})")
@@ -38,7 +40,7 @@ class Registry:
             raise TypeError(f"backbone {name!r}: {cls!r} is not a Backbone subclass")
         if variant is not None:
             variant = cls.resolve_variant(variant)
-        self._entries[name] = Entry(cls, variant)
+        self._entries[name] = Entry(cls, variant, source)
 
     def remove(self, name: str) -> None:
         del self._entries[name]

@@ -1,0 +1,115 @@
+"""NNCF post-training INT8 quantisation of an OpenVINO IR (export.py --include openvino --int8).
+
+    from engine.quantize_openvino import quantize_openvino_ir
+    settings = quantize_openvino_ir("best_openvino_model/best.xml", "tmp/best_int8.xml", batches,
+                                    head_prefix="/model.24/")
+
+Settings and why:
+- nncf.quantize on the float ov.Model itself (not a QDQ ONNX file converted afterwards): NNCF places
+  its FakeQuantize nodes where OpenVINO's CPU plugin fuses them into int8 kernels, so the whole body
+  (convolutions, SiLU, residual adds, concatenations, pooling, upsampling) runs in int8 end to end.
+- Calibration: letterboxed train images, exactly as the ONNX Runtime path uses them
+  (engine.quantize.calibration_batches: `letterbox(..., auto=False)` to the export's height x width).
+- Kept in float (nncf.IgnoredScope): the Detect head's box decoding, i.e. every node of the head
+  (`head_prefix`) that is not one of its output convolutions: the sigmoid, the grid/anchor arithmetic
+  (pixel coordinates up to the image size) and the reshapes/concatenation. The three output convs
+  themselves are quantised (their inputs are the body's int8 maps).
+- preset 'mixed' (symmetric weights, asymmetric activations: SiLU and GELU outputs are one-sided) or
+  'performance' (symmetric both); see DEFAULT_PRESET.
+- model_type: nncf.ModelType.TRANSFORMER when the graph has attention (a Softmax, or a MatMul of two
+  activations: EfficientViT, FastViT-SA, LeViT, MPViT); it keeps the attention score and
+  normalisation paths that lose accuracy at 8 bits in float and applies SmoothQuant to the linear
+  layers. Convolutional graphs (yolov5*, RIFormer, FastViT-T) use NNCF's default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LOGGER = logging.getLogger(f"vitdet.{__name__}")
+
+PRESETS = ("mixed", "performance")
+DEFAULT_PRESET = "mixed"
+MODEL_TYPES = ("auto", "cnn", "transformer")
+_KEPT_IN_HEAD = ("Convolution", "Constant", "Parameter", "Result")  # not ignored: quantised convs, data
+
+
+def decode_nodes(model, head_prefix: str) -> list[str]:
+    """Friendly names of the Detect head's decoding nodes (every head node but its convolutions)."""
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_friendly_name().startswith(head_prefix) and op.get_type_name() not in _KEPT_IN_HEAD]
+
+
+def has_attention(model, head_prefix: str | None = None) -> bool:
+    """True when the graph has a Softmax or a MatMul whose two inputs are both activations, outside the
+    Detect head (`head_prefix`: an anchor-free head's distribution decoding has a Softmax of its own)."""
+    for op in model.get_ordered_ops():
+        if head_prefix and op.get_friendly_name().startswith(head_prefix):
+            continue
+        kind = op.get_type_name()
+        if kind == "Softmax":
+            return True
+        if kind == "MatMul" and not any(_is_constant(op.input_value(i).get_node()) for i in range(2)):
+            return True
+    return False
+
+
+def _is_constant(node) -> bool:
+    """A Constant, possibly behind a Convert (weights stored in another precision)."""
+    while node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "Constant"
+
+
+@contextlib.contextmanager
+def _quiet_nncf():
+    """NNCF logs its statistics collection at INFO; the exporter reports what matters itself."""
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def nncf_settings(preset: str, transformer: bool, ignored: int, calibration_images: int) -> dict[str, Any]:
+    """The settings as recorded in the INT8 IR's metadata.yaml (`int8`)."""
+    return {"method": "nncf", "preset": preset, "model_type": "transformer" if transformer else "default",
+            "decode_nodes_in_float": ignored, "calibration_images": calibration_images}
+
+
+def quantize_openvino_ir(xml: str | Path, out_xml: str | Path, batches: Sequence[np.ndarray],
+                         head_prefix: str, preset: str = DEFAULT_PRESET,
+                         model_type: str = "auto") -> dict[str, Any]:
+    """Quantise the IR `xml` with NNCF, calibrated on `batches` ((B, 3, H, W) float32 RGB in [0, 1], the
+    IR's input), and save it as `out_xml` (+ .bin, weights not compressed to fp16). Returns the
+    settings (nncf_settings)."""
+    import nncf
+    import openvino as ov
+
+    if preset not in PRESETS:
+        raise ValueError(f"--int8-preset {preset}: expected one of {', '.join(PRESETS)}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"NNCF model type {model_type}: expected one of {', '.join(MODEL_TYPES)}")
+    model = ov.Core().read_model(str(xml))
+    transformer = has_attention(model, head_prefix) if model_type == "auto" else model_type == "transformer"
+    ignored = decode_nodes(model, head_prefix)
+    presets = {"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}
+    with _quiet_nncf():
+        quantised = nncf.quantize(model, nncf.Dataset(list(batches)), preset=presets[preset],
+                                  model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+                                  subset_size=len(batches),
+                                  ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+    ov.save_model(quantised, str(out_xml), compress_to_fp16=False)
+    images = int(sum(len(b) for b in batches))
+    LOGGER.info(f"INT8 (NNCF): quantised {Path(xml).name} (preset '{preset}', "
+                f"{'transformer' if transformer else 'default'} model type) on {images} calibration images; "
+                f"{len(ignored)} decoding nodes of the Detect head kept in float")
+    return nncf_settings(preset, transformer, len(ignored), images)

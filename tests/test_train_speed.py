@@ -1,0 +1,74 @@
+"""--channels-last and --compile in the trainer's step, and benchmarks.py --train-speed's measurement."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine import train_speed
+from engine.train_speed import measure_variant, synthetic_batch
+
+
+def test_channels_last_step_trains_in_nhwc(monkeypatch):
+    seen = {}
+    real = train_speed._step_trainer
+
+    def keep(*args):
+        seen["trainer"] = trainer = real(*args)
+        return trainer
+
+    monkeypatch.setattr(train_speed, "_step_trainer", keep)
+    result = measure_variant("yolov5n.yaml", "channels-last", imgsz=64, batch_size=2, steps=1,
+                             device=torch.device("cpu"), warmup=1)
+    assert result.images_per_s > 0 and result.note == ""
+    trainer = seen["trainer"]
+    conv = trainer.model.model[0].conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert trainer.ema.updates >= 0 and torch.isfinite(trainer.loss_items).all()
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_message(monkeypatch, caplog):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("inductor: no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda net: Broken())
+    with caplog.at_level(logging.WARNING, logger="vitdet"):
+        result = measure_variant("yolov5n.yaml", "compile", imgsz=64, batch_size=2, steps=1,
+                                 device=torch.device("cpu"), warmup=1)
+    assert result.images_per_s > 0 and result.note.startswith("compile failed")
+    assert "--compile: torch.compile failed (RuntimeError: inductor: no C++ compiler)" in caplog.text
+
+
+def test_bf16_is_skipped_without_native_bf16(monkeypatch):
+    from engine.precision import Bf16Support
+
+    monkeypatch.setattr(train_speed, "cpu_bf16_support", lambda: Bf16Support(False, "AVX2 only"))
+    result = measure_variant("yolov5n.yaml", "bf16", 64, 2, 1, torch.device("cpu"))
+    assert result.images_per_s is None and "no native bf16 (AVX2 only)" in result.note
+
+
+def test_synthetic_batch_has_valid_targets():
+    images, targets, paths = synthetic_batch(3, 64, torch.device("cpu"))
+    assert images.shape == (3, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    assert targets.shape == (12, 6) and set(targets[:, 0].tolist()) == {0.0, 1.0, 2.0} and len(paths) == 3
+    assert ((targets[:, 2:4] - targets[:, 4:6] / 2) >= 0).all() and ((targets[:, 2:4] + targets[:, 4:6] / 2) <= 1).all()
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    import benchmarks
+
+    with pytest.raises(ValueError, match="--variants: unknown fp64"):
+        benchmarks.main(["--train-speed", "--cfg", "yolov5n.yaml", "--variants", "fp64", "--out", str(tmp_path / "b")])
+
+
+def test_speed_flags_reach_the_trainer_options():
+    import train
+    from engine.trainer import TrainOptions
+
+    opt = train.build_parser().parse_args(["--cfg", "yolov5n.yaml", "--channels-last", "--compile"])
+    options = TrainOptions.from_dict(vars(opt))
+    assert options.channels_last and options.compile
+    assert not TrainOptions.from_dict(vars(train.build_parser().parse_args(["--cfg", "yolov5n.yaml"]))).compile
