@@ -35,19 +35,19 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from engine import formats
 from engine.backend import InferenceBackend, check_img_size
 from engine.formats import WriteOptions
-from engine.formats.onnx import read_onnx_metadata, write_onnx  # noqa: F401 (write_onnx re-exported)
-from engine.formats.openvino import openvino_model_files, read_openvino_metadata, write_openvino_from_onnx
+from engine.formats.int8 import Calibration, ExportError, ExportResult, Int8Job, Verification, size_mb
+from engine.formats.onnx import INT8_OPS, write_onnx  # noqa: F401 (re-exported for export.py and tests)
+from engine.formats.openvino import DEFAULT_OPENVINO_INT8, OPENVINO_INT8_METHODS  # noqa: F401 (export.py)
 from utils.files import atomic_dir, atomic_path
 from utils.torch_utils import select_device
 
@@ -58,31 +58,6 @@ FORMATS = formats.exportable()  # export.py --include: ('torchscript', 'onnx', '
 DEFAULT_OPSET = 17
 RELATIVE_TOLERANCE = 1e-3
 SAMPLE_SEED = 0
-
-
-INT8_OPS = ("auto", "full", "conv")  # export_int8's choices (engine.quantize.OP_TYPES, auto: full then conv)
-# How the OpenVINO INT8 IR is made: 'nncf' quantises the float IR with NNCF (engine.quantize_openvino),
-# 'qdq' converts the accepted QDQ ONNX file. NNCF is the default: on yolov5s at 640 (AVX2 machine, under
-# load, so provisional) its IR was at least as fast as the converted QDQ file and it keeps the decode in
-# float; benchmarks.py's openvino_int8_ms / openvino_nncf_ms columns compare the two on your CPU.
-OPENVINO_INT8_METHODS = ("nncf", "qdq")
-DEFAULT_OPENVINO_INT8 = "nncf"
-OPENVINO_INT8_HOW = {"nncf": "NNCF post-training quantisation of the float IR",
-                     "qdq": "the accepted INT8 (QDQ) ONNX file converted to an IR"}
-DEFAULT_NOTE = ", the default"
-
-
-class ExportError(RuntimeError):
-    """An export that could not be written or that gives different numbers from the PyTorch model."""
-
-
-@dataclass
-class Verification:
-    """One comparison of an export with the PyTorch model on the same input."""
-
-    input_shape: tuple[int, ...]
-    max_abs_diff: float
-    relative_diff: float  # see compare_outputs
 
 
 @dataclass
@@ -116,13 +91,6 @@ class ExportOptions:
     int8_ops: str = "auto"
     openvino_int8: str = DEFAULT_OPENVINO_INT8
     int8_preset: str = "mixed"
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    checks: list[Verification] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)  # INT8: map_float, map_int8, drop, ops, method
 
 
 # -- small helpers --------------------------------------------------------------------------------------
@@ -301,39 +269,36 @@ def _check_request(weights: Path, opt: ExportOptions, device: torch.device) -> l
         raise ValueError("--half and --dynamic cannot be combined (as in YOLOv5); drop one of them")
     if opt.batch_size < 1:
         raise ValueError(f"--batch-size {opt.batch_size}: must be >= 1")
+    requested = list(dict.fromkeys(requested))
+    for name in requested:
+        formats.get(name).check_request(opt, requested)
     if opt.int8:
         _check_int8_request(opt, requested)
-    if "openvino" in requested:
-        if opt.half:
-            raise ValueError("--half is for CUDA requested; OpenVINO is exported in float32")
-        try:
-            import openvino  # noqa: F401
-        except ImportError as err:
-            raise ValueError("--include openvino needs the openvino package (pip install openvino)") from err
-    return list(dict.fromkeys(requested))
+    return requested
+
+
+def _check_dynamic_exportable(model: torch.nn.Module, weights: Path) -> None:
+    """Refuse --dynamic, before any file is written, for a model with a node that declares
+    (`static_export_only()`) that its graph cannot follow other input sizes."""
+    for module in model.modules():
+        reason = module.static_export_only() if hasattr(module, "static_export_only") else None
+        if reason:
+            raise ValueError(f"--dynamic: {weights}: {reason}; export it at a fixed size (--imgsz H W, "
+                             "without --dynamic)")
 
 
 def _check_int8_request(opt: ExportOptions, requested: Sequence[str]) -> None:
-    from engine.quantize_openvino import PRESETS
-
-    if "onnx" not in requested and "openvino" not in requested:
-        raise ValueError("--int8 quantises the ONNX export (ONNX Runtime QDQ) and the OpenVINO export "
-                         "(NNCF); add onnx or openvino to --include")
+    quantizable = [name for name in requested if name in formats.int8_formats()]
+    if not quantizable:
+        raise ValueError(f"--int8 writes INT8 models of {' and '.join(formats.int8_formats())} exports; "
+                         f"add {' or '.join(formats.int8_formats())} to --include")
     if opt.half:
         raise ValueError("--int8 and --half cannot be combined; INT8 is quantised from float32")
     if not opt.data:
         raise ValueError("--int8 needs --data DATASET.yaml: its train split calibrates the quantisation "
                          "and its val split checks the mAP")
-    if opt.int8_ops not in INT8_OPS:
-        raise ValueError(f"--int8-ops {opt.int8_ops}: expected one of {', '.join(INT8_OPS)}")
-    if opt.openvino_int8 not in OPENVINO_INT8_METHODS:
-        raise ValueError(f"--openvino-int8 {opt.openvino_int8}: expected one of "
-                         f"{', '.join(OPENVINO_INT8_METHODS)}")
-    if opt.int8_preset not in PRESETS:
-        raise ValueError(f"--int8-preset {opt.int8_preset}: expected one of {', '.join(PRESETS)}")
-    if "openvino" in requested and opt.openvino_int8 == "qdq" and "onnx" not in requested:
-        raise ValueError("--openvino-int8 qdq converts the INT8 ONNX file; add onnx to --include (or use "
-                         "the default nncf)")
+    for name in quantizable:
+        formats.get(name).check_int8_request(opt, requested)
 
 
 def export_and_verify(weights: str | Path, options: ExportOptions | None = None,
@@ -351,6 +316,8 @@ def export_and_verify(weights: str | Path, options: ExportOptions | None = None,
     for target in targets.values():
         check_overwrite(target, weights)  # before any work, so a refusal leaves nothing half done
     model = load_export_model(weights, device, opt.half)
+    if opt.dynamic:
+        _check_dynamic_exportable(model, weights)
     stride = int(max(model.stride))
     shape = (opt.batch_size, 3, *check_img_size(opt.imgsz, stride))
     cases = _verification_cases(model, shape, opt.dynamic, device, opt.half)
@@ -369,61 +336,23 @@ def export_and_verify(weights: str | Path, options: ExportOptions | None = None,
         write = partial(format_.write, model, sample, meta=meta, options=write_options)
         results[fmt] = export(fmt, targets[fmt], write, run_file, cases)
         path = results[fmt].path
-        LOGGER.info(f"{fmt}: export success, saved as {path} ({_size_mb(path):.1f} MB)")
+        LOGGER.info(f"{fmt}: export success, saved as {path} ({size_mb(path):.1f} MB)")
     if opt.int8:
-        head_prefix = f"/model.{len(model.model) - 1}/"
-        calibration = _Calibration.load(opt, shape, stride)
-        results.update(_export_int8_all(results, targets, weights.stem, head_prefix, calibration, cases, opt))
+        calibration = Calibration.load(opt.data, opt.calib, opt.int8_tolerance, opt.workers, shape, stride)
+        job = Int8Job(opt, calibration, f"/model.{len(model.model) - 1}/", weights.stem,
+                      partial(_int8_output_checks, cases=cases))
+        results.update(_export_int8_all(results, targets, job))
     return results
 
 
-@dataclass
-class _Calibration:
-    """The INT8 request's data: letterboxed calibration batches and how the gate validates."""
-
-    data: Any
-    batches: list
-    images: int
-    imgsz: int  # val --imgsz (the export's longer side; a static export dictates its own shape)
-    batch: int
-    workers: int
-    tolerance: float
-
-    @classmethod
-    def load(cls, opt: ExportOptions, shape: Sequence[int], stride: int) -> _Calibration:
-        from engine import quantize
-
-        files = quantize.calibration_files(opt.data, opt.calib or quantize.DEFAULT_CALIB_IMAGES)
-        LOGGER.info(f"INT8: calibrating on {len(files)} images of the train split of {opt.data}, "
-                    f"letterboxed to {shape[2]}x{shape[3]}")
-        tolerance = quantize.DEFAULT_INT8_TOLERANCE if opt.int8_tolerance is None else opt.int8_tolerance
-        return cls(opt.data, quantize.calibration_batches(files, shape, stride), len(files),
-                   max(shape[2], shape[3]), shape[0], opt.workers, tolerance)
-
-    def val_map(self, weights: Path) -> float:
-        from engine import quantize
-
-        return quantize.val_map(weights, self.data, self.imgsz, self.batch, self.workers)
-
-
-def _export_int8_all(results: dict[str, ExportResult], targets: dict[str, Path], stem: str, head_prefix: str,
-                     calibration: _Calibration, cases, opt: ExportOptions) -> dict[str, ExportResult]:
-    """The INT8 models of a request: QDQ ONNX (with onnx) and the OpenVINO IR (with openvino)."""
-    out = {}
-    if "onnx_int8" in targets:
-        out["onnx_int8"] = export_int8(results["onnx"].path, targets["onnx_int8"], head_prefix, calibration,
-                                       cases, opt.int8_ops)
-    if "openvino_int8" in targets:
-        method = opt.openvino_int8
-        LOGGER.info(f"openvino_int8: {OPENVINO_INT8_HOW[method]} (--openvino-int8 {method}"
-                    f"{DEFAULT_NOTE if method == DEFAULT_OPENVINO_INT8 else ''})")
-        if method == "qdq":
-            out["openvino_int8"] = export_openvino_int8(out["onnx_int8"], targets["openvino_int8"], stem,
-                                                        cases, calibration)
-        else:
-            out["openvino_int8"] = export_openvino_nncf(results["openvino"].path, targets["openvino_int8"],
-                                                        head_prefix, calibration, cases, opt.int8_preset)
-    return out
+def _export_int8_all(results: dict[str, ExportResult], targets: dict[str, Path],
+                     job: Int8Job) -> dict[str, ExportResult]:
+    """Each requested format's INT8 model, in registry order (its Format.quantize)."""
+    for name in formats.int8_formats():
+        key = f"{name}_int8"
+        if key in targets:
+            job.done[key] = formats.get(name).quantize(results[name], targets[key], job)
+    return job.done
 
 
 def _int8_formats(requested: Sequence[str], int8: bool) -> list[str]:
@@ -433,108 +362,10 @@ def _int8_formats(requested: Sequence[str], int8: bool) -> list[str]:
     return [f"{fmt}_int8" for fmt in formats.int8_formats() if fmt in requested]
 
 
-def export_int8(float_onnx: Path, target: Path, head_prefix: str, calibration: _Calibration, cases,
-                ops: str = "auto") -> ExportResult:
-    """Quantise `float_onnx` into `target` (see engine.quantize) and accept it only if its val mAP50-95
-    drop is within the tolerance; the file appears only once accepted. ops 'auto' tries 'full'
-    (fastest) and falls back to 'conv' when 'full' fails the gate."""
-    choices = ["full", "conv"] if ops == "auto" else [ops]
-    map_float = calibration.val_map(float_onnx)
-    failures = []
-    for choice in choices:
-        try:
-            return _quantise_and_gate(float_onnx, target, head_prefix, choice, cases, map_float, calibration)
-        except ValueError as err:
-            failures.append(f"ops '{choice}': {err}")
-            if choice != choices[-1]:
-                LOGGER.warning(f"INT8 with ops '{choice}' failed the accuracy gate ({err}); trying ops "
-                               f"'{choices[-1]}' (only convolutions and linear layers quantised)")
-    raise ExportError(f"onnx_int8 export of {target.name} failed: {'; '.join(failures)}")
-
-
-def _quantise_and_gate(float_onnx: Path, target: Path, head_prefix: str, ops: str, cases, map_float: float,
-                       calibration: _Calibration) -> ExportResult:
-    """One quantisation of `float_onnx` with `ops`, written to `target` only if it passes the gate."""
-    from engine import quantize
-
-    extra = {"int8": {"calibration_images": calibration.images, "data": Path(str(calibration.data)).name}}
-    with atomic_path(target, keep_suffix=True) as tmp:
-        kept = quantize.quantize_onnx_int8(float_onnx, tmp, calibration.batches, head_prefix, extra, ops=ops)
-        checks = _int8_output_checks("onnx_int8", InferenceBackend(tmp), cases)
-        map_int8 = calibration.val_map(tmp)
-        drop = quantize.check_int8_accuracy(map_float, map_int8, calibration.tolerance)
-    LOGGER.info(f"onnx_int8: export success, saved as {target} ({_size_mb(target):.1f} MB; ops '{ops}', "
-                f"{len(kept)} nodes kept float32)")
-    metrics = {"map_float": map_float, "map_int8": map_int8, "drop": drop, "ops": ops, "method": "qdq"}
-    return ExportResult(target, checks, metrics)
-
-
-def export_openvino_int8(onnx_int8: ExportResult, target: Path, stem: str, cases,
-                         calibration: _Calibration) -> ExportResult:
-    """The accepted INT8 ONNX file converted to an OpenVINO IR (`<stem>_int8_openvino_model/`; OpenVINO
-    runs its quantise/dequantise pairs as int8 ops), accepted only if its own val mAP50-95 is within the
-    tolerance of the float ONNX model's (the same gate as the ONNX file: the two runtimes fuse and round
-    differently)."""
-    meta = read_onnx_metadata(onnx_int8.path)
-    map_float = onnx_int8.metrics["map_float"]
-
-    def write(tmp: Path) -> None:
-        write_openvino_from_onnx(onnx_int8.path, tmp, meta, f"{stem}_int8")
-
-    result = _gate_int8_dir(target, write, cases, calibration, map_float)
-    result.metrics.update(ops=onnx_int8.metrics["ops"], method="qdq")
-    return result
-
-
-def export_openvino_nncf(float_ir: Path, target: Path, head_prefix: str, calibration: _Calibration, cases,
-                         preset: str) -> ExportResult:
-    """NNCF post-training quantisation of the verified float IR `float_ir` (engine.quantize_openvino)
-    into `target` (`<stem>_int8_openvino_model/`), accepted only if its val mAP50-95 is within the
-    tolerance of the float IR's own."""
-    from engine.quantize_openvino import quantize_openvino_ir
-
-    xml, _ = openvino_model_files(float_ir)
-    meta = read_openvino_metadata(float_ir)
-    map_float = calibration.val_map(float_ir)
-    settings: dict[str, Any] = {}
-
-    def write(tmp: Path) -> None:
-        out_xml = tmp / f"{xml.stem}_int8.xml"
-        settings.update(quantize_openvino_ir(xml, out_xml, calibration.batches, head_prefix, preset))
-        settings["data"] = Path(str(calibration.data)).name
-        ov_meta = {**meta, "precision": "int8", "int8": settings}
-        (tmp / "metadata.yaml").write_text(yaml.safe_dump(ov_meta, sort_keys=False))
-
-    result = _gate_int8_dir(target, write, cases, calibration, map_float)
-    result.metrics.update(ops=f"nncf {preset}", method="nncf", model_type=settings.get("model_type"))
-    return result
-
-
-def _gate_int8_dir(target: Path, write: Callable[[Path], None], cases, calibration: _Calibration,
-                   map_float: float) -> ExportResult:
-    """Write an INT8 OpenVINO folder into a temporary folder, log its output distance, and rename it
-    to `target` only when its val mAP50-95 is within the tolerance of `map_float`."""
-    from engine import quantize
-
-    with atomic_dir(target) as tmp:
-        try:
-            write(tmp)
-        except Exception as err:
-            raise ExportError(f"openvino_int8 export of {target.name} failed: {type(err).__name__}: "
-                              f"{err}") from err
-        checks = _int8_output_checks("openvino_int8", InferenceBackend(tmp), cases)
-        map_int8 = calibration.val_map(tmp)
-        try:
-            drop = quantize.check_int8_accuracy(map_float, map_int8, calibration.tolerance)
-        except ValueError as err:
-            raise ExportError(f"openvino_int8 export of {target.name} failed: {err}") from err
-    LOGGER.info(f"openvino_int8: export success, saved as {target} ({_size_mb(target):.1f} MB)")
-    return ExportResult(target, checks, {"map_float": map_float, "map_int8": map_int8, "drop": drop})
-
-
-def _int8_output_checks(fmt: str, backend, cases) -> list[Verification]:
-    """How far an INT8 model's outputs are from PyTorch's, logged; not a pass/fail check (INT8 is
-    judged by its mAP)."""
+def _int8_output_checks(fmt: str, path: Path, cases) -> list[Verification]:
+    """How far the INT8 model at `path` is from PyTorch's outputs, logged; not a pass/fail check (INT8
+    is judged by its mAP)."""
+    backend = InferenceBackend(path)
     checks = []
     for sample, reference in cases:
         max_abs, relative = compare_outputs(reference, backend(sample))
@@ -547,8 +378,3 @@ def _int8_output_checks(fmt: str, backend, cases) -> list[Verification]:
 def export_model(weights: str | Path, options: ExportOptions | None = None, **fields) -> dict[str, Path]:
     """Export and verify (see export_and_verify); returns {format: path of the exported file}."""
     return {fmt: result.path for fmt, result in export_and_verify(weights, options, **fields).items()}
-
-
-def _size_mb(path: Path) -> float:
-    files = path.rglob("*") if path.is_dir() else [path]
-    return sum(f.stat().st_size for f in files if f.is_file()) / 1e6

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from engine.callbacks import Callback, EarlyStopping, check_unique_names, default_callbacks
-from engine.checkpoint import checkpoint_dict, load_checkpoint, load_detection_model, rng_state, set_rng_state
+from engine.checkpoint import (
+    check_backbone_available,
+    checkpoint_dict,
+    load_checkpoint,
+    load_detection_model,
+    rng_state,
+    set_rng_state,
+)
 from engine.validator import Validator, ValOptions, ValResults
 from engine.weights import (
     freeze_layers,
@@ -44,10 +51,10 @@ from engine.weights import (
     set_requires_grad,
     transfer_weights,
 )
+from models.heads import is_anchor_free
 from models.yolo import DetectionModel
 from utils.general import yaml_save
 from utils.hyp import check_hyp
-from models.heads import is_anchor_free
 from utils.loss import ComputeLoss, scale_loss_gains
 from utils.loss_af import build_criterion
 from utils.metrics import fitness, labels_to_class_weights, labels_to_image_weights
@@ -316,9 +323,11 @@ class Trainer:
                              "start a model from --cfg with --backbone-weights")
         drop_path = o.hyp.get("drop_path")
         if resume is not None:
+            check_backbone_available(resume, o.resume_path)  # a plugin's backbone: name the missing file
             model = DetectionModel(resume["yaml"], nc=self.nc)  # its weights come in load_state_dict()
         elif o.weights:
             ckpt = load_checkpoint(o.weights)
+            check_backbone_available(ckpt, o.weights)
             cfg = o.cfg or ckpt["yaml"]
             model = DetectionModel(cfg if drop_path is None else model_config_with_drop_path(cfg, drop_path),
                                    nc=self.nc)

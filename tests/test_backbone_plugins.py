@@ -145,6 +145,11 @@ def test_plugin_backbone_trains_saves_and_loads_in_val_and_detect(plugin_file, t
     assert "plugin my_backbones.py" in caplog.text and "--plugin" in caplog.text
     with pytest.raises(ValueError, match="plugin my_backbones.py"):
         Detector(weights)
+    finetune = [*args[2:-2], "--name", "ft", "--weights", str(weights)]
+    for resume_or_finetune in (["--resume", str(weights)], finetune):
+        with pytest.raises(ValueError, match=f"{weights}: its backbone PluginNet comes from the plugin "
+                           "my_backbones.py, which is not loaded; pass --plugin"):
+            train.main(resume_or_finetune)  # `python train.py` prints it as one line (engine/cli.py)
     assert Detector(weights, plugins=[plugin_file]).names
 
 

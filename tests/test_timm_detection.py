@@ -1,6 +1,6 @@
 """Timm backbone nodes in detection models: build from a YAML, train a step, fuse exactly, save and
-rebuild offline, export to ONNX verified. A representative subset of the timm models of
-test_timm_node.py (CNNs with BN folds, timm reparameterisation, channels-last, a plain ViT)."""
+rebuild offline, export to ONNX verified, for every timm model of test_timm_node.py (CNNs with BN folds,
+timm reparameterisation, channels-last outputs, hierarchical transformers, a plain ViT)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ SLOW = pytest.mark.slow
 CHAIN = [pytest.param("convnext_atto", id="convnext_atto"),
          *(pytest.param(name, id=name, marks=SLOW) for name in
            ("resnet18", "repvit_m1", "fastvit_t8", "efficientnet_b0", "swin_tiny_patch4_window7_224",
-            "vit_tiny_patch16_224"))]
+            "vit_tiny_patch16_224", "mobilenetv3_small_100", "regnetx_002", "mobilevitv2_050",
+            "edgenext_xx_small", "pvt_v2_b0", "fasternet_t0"))]
 
 
 @pytest.mark.parametrize("name", CHAIN)
@@ -104,3 +105,20 @@ def test_finetuning_hyps_and_freeze_work_on_a_timm_node():
     frozen = freeze_layers(model, ["backbone"])
     assert frozen and all(name.startswith("model.0.") for name in frozen)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.0."))
+
+
+def test_dynamic_export_of_a_plain_vit_is_refused_before_writing(tmp_path):
+    from engine.exporter import RELATIVE_TOLERANCE, export_and_verify
+
+    torch.manual_seed(0)
+    vit_model = DetectionModel(detection_yaml("Timm", "vit_tiny_patch16_224"), nc=3)
+    vit = save_checkpoint(checkpoint_dict(vit_model), tmp_path / "vit.pt")
+    with pytest.raises(ValueError, match=r"--dynamic: .*vit.pt: Timm vit_tiny_patch16_224 resamples its "
+                                         r"position embeddings .*export it at a fixed size"):
+        export_and_verify(vit, include=("onnx",), imgsz=64, dynamic=True)
+    assert not (tmp_path / "vit.onnx").exists()
+    cnn = save_checkpoint(checkpoint_dict(DetectionModel(detection_yaml("Timm", "convnext_atto"), nc=3)),
+                          tmp_path / "cnn.pt")
+    results = export_and_verify(cnn, include=("onnx",), imgsz=64, dynamic=True)  # other sizes verified
+    assert len(results["onnx"].checks) > 1
+    assert all(check.relative_diff <= RELATIVE_TOLERANCE for check in results["onnx"].checks)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -114,6 +115,20 @@ class Format(ABC):
     @abstractmethod
     def runner(self, path: Path, device: torch.device, options: RunOptions) -> Runner:
         """Load `path` for inference."""
+
+    # -- export.py hooks (optional) ---------------------------------------------------------------
+    def check_request(self, options: Any, requested: Sequence[str]) -> None:  # noqa: B027 (optional hook)
+        """Refuse (ValueError) an export request this format cannot serve: a missing package, a flag
+        it cannot honour. `options`: engine.exporter.ExportOptions; `requested`: the --include names."""
+
+    def check_int8_request(self, options: Any, requested: Sequence[str]) -> None:  # noqa: B027
+        """As check_request, for this format's own --int8 flags (only called with --int8)."""
+
+    def quantize(self, float_result: Any, target: Path, job: Any) -> Any:
+        """Write this format's INT8 model of the verified float export `float_result` (an
+        engine.formats.int8.ExportResult) to `target`, accepted only through `job.gate`-style accuracy
+        checks; returns its ExportResult. Only formats with `capabilities.int8` implement it."""
+        raise NotImplementedError(f"{self.name} has no INT8 export")
 
 
 # -- metadata helpers shared by the formats ------------------------------------------------------------

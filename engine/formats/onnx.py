@@ -1,5 +1,6 @@
 """ONNX (`.onnx`), run by ONNX Runtime: float32/float16 exports and export.py --int8's QDQ file
-(`<stem>_int8.onnx`, engine.quantize). Metadata: JSON values in `metadata_props`."""
+(`<stem>_int8.onnx`, quantised by engine.quantize, gated here). Metadata: JSON values in
+`metadata_props`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from engine.formats.base import (
     names_from_metadata,
     stride_from_metadata,
 )
+from engine.formats.int8 import LOGGER as EXPORT_LOG  # INT8 writers log as the exporter
+from engine.formats.int8 import ExportError, ExportResult, Int8Job, size_mb
 from engine.formats.torchscript import quiet_tracing
 
 LOGGER = logging.getLogger("vitdet.engine.backend")
@@ -110,9 +113,60 @@ def _warn_full_range_int8(meta: dict[str, Any], path: Path) -> None:
                        f"check the mAP")
 
 
+# -- INT8: ONNX Runtime QDQ file (<stem>_int8.onnx) --------------------------------------------------
+INT8_OPS = ("auto", "full", "conv")  # --int8-ops (engine.quantize.OP_TYPES; auto: full, then conv)
+
+
+def export_qdq_int8(float_onnx: Path, target: Path, job: Int8Job) -> ExportResult:
+    """Quantise `float_onnx` into `target` (engine.quantize) and accept it only if its val mAP50-95 drop
+    is within the tolerance; the file appears only once accepted. --int8-ops 'auto' tries 'full'
+    (fastest) and falls back to 'conv' when 'full' fails the gate."""
+    ops = job.options.int8_ops
+    choices = ["full", "conv"] if ops == "auto" else [ops]
+    map_float = job.calibration.val_map(float_onnx)
+    failures = []
+    for choice in choices:
+        try:
+            return _quantise_and_gate(float_onnx, target, choice, map_float, job)
+        except ValueError as err:
+            failures.append(f"ops '{choice}': {err}")
+            if choice != choices[-1]:
+                EXPORT_LOG.warning(f"INT8 with ops '{choice}' failed the accuracy gate ({err}); trying ops "
+                               f"'{choices[-1]}' (only convolutions and linear layers quantised)")
+    raise ExportError(f"onnx_int8 export of {target.name} failed: {'; '.join(failures)}")
+
+
+def _quantise_and_gate(float_onnx: Path, target: Path, ops: str, map_float: float,
+                       job: Int8Job) -> ExportResult:
+    """One quantisation of `float_onnx` with `ops`, written to `target` only if it passes the gate
+    (ValueError, from engine.quantize.check_int8_accuracy, when it does not)."""
+    from engine import quantize
+    from utils.files import atomic_path
+
+    calibration = job.calibration
+    extra = {"int8": {"calibration_images": calibration.images, "data": calibration.data_name}}
+    with atomic_path(target, keep_suffix=True) as tmp:
+        kept = quantize.quantize_onnx_int8(float_onnx, tmp, calibration.batches, job.head_prefix, extra,
+                                           ops=ops)
+        checks = job.output_checks("onnx_int8", tmp)
+        map_int8 = calibration.val_map(tmp)
+        drop = quantize.check_int8_accuracy(map_float, map_int8, calibration.tolerance)
+    EXPORT_LOG.info(f"onnx_int8: export success, saved as {target} ({size_mb(target):.1f} MB; ops '{ops}', "
+                f"{len(kept)} nodes kept float32)")
+    metrics = {"map_float": map_float, "map_int8": map_int8, "drop": drop, "ops": ops, "method": "qdq"}
+    return ExportResult(target, checks, metrics)
+
+
 class OnnxFormat(Format):
     name, suffix = "onnx", ".onnx"
     capabilities = Capabilities(dynamic=True, bf16=False, int8=True, batch=True)
+
+    def check_int8_request(self, options, requested) -> None:
+        if options.int8_ops not in INT8_OPS:
+            raise ValueError(f"--int8-ops {options.int8_ops}: expected one of {', '.join(INT8_OPS)}")
+
+    def quantize(self, float_result: ExportResult, target: Path, job: Int8Job) -> ExportResult:
+        return export_qdq_int8(float_result.path, target, job)
 
     def read_metadata(self, path: Path) -> dict[str, Any]:
         return read_onnx_metadata(path)

@@ -281,6 +281,16 @@ class Timm(Backbone):
         probe_kwargs = dict(self._feature_options["probe"].create_kwargs)
         return create_timm(self.timm_name, probe_kwargs)
 
+    def static_export_only(self) -> str | None:
+        """Why this node cannot be exported with dynamic shapes (None: it can). A plain ViT resamples its
+        position embeddings to each input's grid with antialiased bicubic interpolation, which ONNX has
+        no operator for; its export takes the table of the exported size as a constant."""
+        vit = getattr(self.body, "model", self.body)
+        if self.plain and hasattr(vit, "_resampled_pos_embed"):
+            return (f"Timm {self.timm_name} resamples its position embeddings to each input size with "
+                    "antialiased bicubic interpolation, which ONNX cannot express")
+        return None
+
     def export_options(self) -> dict[str, Any]:
         """What a checkpoint records about this node: the timm name, version and options."""
         return {"timm_model": self.timm_name, "timm_version": timm_version(),
