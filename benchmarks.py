@@ -5,6 +5,7 @@
     python benchmarks.py --cfg yolov5n.yaml --loader bccd.yaml   # + data-loader images/s (mosaic on)
     python benchmarks.py --cfg yolov5n.yaml --bf16 --onnx --int8 --openvino   # every runtime/precision
     python benchmarks.py --cfg yolov5n.yaml --map-data bccd.yaml --map-weights best.pt   # + mAP per precision
+    python benchmarks.py --files ours=best_int8_openvino_model yolov5=y5_int8_openvino_model --runs 50
 
 Columns: parameters, GFLOPs at --imgsz (batch 1, torch.utils.flop_counter), median CPU latency at
 batch 1 after warm-up for the model as built (eager) and, through InferenceBackend -- the same runners,
@@ -482,8 +483,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="--train-speed: cpu or a CUDA index such as 0")
     p.add_argument("--loader", default="",
                    help="dataset YAML: also report loader images/s (mosaic, 2 workers)")
+    p.add_argument("--files", nargs="+", default=[], metavar="LABEL=PATH",
+                   help="time these existing files instead (ours or another project's exports, e.g. YOLOv5's), "
+                        "alternating rounds in one process; the first is the ratios' reference")
     p.add_argument("--out", default="benchmarks", help="write <out>.md and <out>.csv")
     return p.parse_args(argv)
+
+
+def files_report(args: argparse.Namespace) -> int:
+    """--files: median latency of each file (alternating rounds) and, with --map-data, its val mAP."""
+    from engine.latency import alternating_latency, latency_table, parse_file_args
+
+    files = parse_file_args(args.files)
+    rows = alternating_latency(files, args.imgsz, args.runs, args.warmup)
+    table = latency_table(rows, args.runs) + "\n\n" + machine_line()
+    if args.map_data:
+        from engine.quantize import val_map
+
+        for row in rows:
+            row["map50_95"] = _guarded(f"val of {row['file']}", lambda row=row: val_map(
+                Path(row["path"]), args.map_data, args.imgsz, batch_size=1))
+        table += (f"\n\nval mAP50-95 on {args.map_data} ({args.imgsz} px or the file's fixed shape, batch 1):\n\n"
+                  "| file | mAP50-95 |\n|---|---|\n"
+                  + "\n".join(f"| {r['file']} | {_cell(r['map50_95'])} |" for r in rows))
+    print(table)
+    Path(f"{args.out}.md").write_text(table + "\n")
+    write_csv(rows, Path(f"{args.out}.csv"))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfgs = [str(resolve_config(c, "models")) for c in args.cfg] if args.cfg else \
         sorted(str(p) for p in (CONFIGS / "models").glob("*.yaml"))
+    if args.files:  # a separate table: existing files side by side
+        return files_report(args)
     if args.train_speed:  # a separate table: the trainer's step per speed option
         from engine.train_speed import train_speed_report
 

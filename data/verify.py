@@ -436,9 +436,15 @@ class ScanResult:
     dropped: dict[str, int] = field(default_factory=dict)
 
 
+CACHE_SUFFIX = ".vitdet.cache"
+
+
 def cache_path(label_files: list[str]) -> Path:
-    """labels/train/a.txt -> labels/train.cache (YOLOv5's place for it)."""
-    return Path(label_files[0]).parent.with_suffix(".cache")
+    """labels/train/a.txt -> labels/train.vitdet.cache. Not YOLOv5's labels/train.cache: users keep
+    YOLOv5 on the same dataset, and each project would overwrite the other's cache (neither can read
+    the other's format) and rescan on every run."""
+    label_dir = Path(label_files[0]).parent
+    return label_dir.with_name(label_dir.name + CACHE_SUFFIX)
 
 
 def files_hash(files: list[str], nc: int | None) -> str:
@@ -630,7 +636,7 @@ def scan_dataset(
         raise _no_images_error(path, rejected, [], prefix)
     label_files = img2label_paths(im_files)
     checks, cache_file, from_cache = _cached_checks(im_files, label_files, nc, prefix, workers)
-    split = cache_file.with_suffix("")  # labels/train for labels/train.cache
+    split = cache_file.with_name(cache_file.name[: -len(CACHE_SUFFIX)])  # labels/train
     warnings = [f"{f}: image skipped: {why}" for f, why in rejected] + [w for c in checks for w in c.warnings]
     for line in warnings:
         LOGGER.warning(f"{prefix}{line}")

@@ -177,7 +177,7 @@ def test_cache_is_reused_and_rebuilt_when_a_label_changes(tmp_path):
     write_sample(tmp_path, "train", "a.png", GOOD, "0 0.5 0.5 0.5 0.5\n")
     write_sample(tmp_path, "train", "b.png", GOOD, None)
     first = scan_dataset(images, nc=3)
-    assert not first.from_cache and first.cache_file == tmp_path / "labels" / "train.cache"
+    assert not first.from_cache and first.cache_file == tmp_path / "labels" / "train.vitdet.cache"
     with np.load(first.cache_file, allow_pickle=False) as cached:  # plain arrays, no pickle
         assert int(cached["version"][0]) == verify.CACHE_VERSION
     assert scan_dataset(images, nc=3).from_cache
@@ -192,6 +192,15 @@ def test_cache_is_reused_and_rebuilt_when_a_label_changes(tmp_path):
     assert not added.from_cache and added.counts["found"] == 2
     assert not scan_dataset(images, nc=2).from_cache  # class 2 is now out of range
     assert scan_dataset(images, nc=2).counts == {"found": 1, "missing": 0, "empty": 0, "corrupt": 1}
+
+
+def test_a_yolov5_cache_of_the_same_split_is_left_alone(tmp_path):
+    images = tmp_path / "images" / "train"
+    write_sample(tmp_path, "train", "a.png", GOOD, "0 0.5 0.5 0.5 0.5\n")
+    yolov5_cache = tmp_path / "labels" / "train.cache"  # YOLOv5's name: np.save of a pickled dict
+    yolov5_cache.write_bytes(b"\x93NUMPY yolov5's own cache")
+    assert not scan_dataset(images).from_cache and scan_dataset(images).from_cache
+    assert yolov5_cache.read_bytes() == b"\x93NUMPY yolov5's own cache"
 
 
 def test_cache_rebuilt_on_format_version_change_or_damage(tmp_path, monkeypatch):

@@ -68,6 +68,16 @@ def write_openvino_metadata(folder: Path, meta: dict[str, Any]) -> None:
     (folder / "metadata.yaml").write_text(yaml.safe_dump(ov_meta, sort_keys=False))
 
 
+def _static_shape(model, meta: dict[str, Any], path: Path) -> tuple[int, int, int] | None:
+    """(B, H, W) of a static IR: from its metadata, else (an IR written by another project, e.g.
+    YOLOv5's export.py, whose metadata has no `shape`) from the model's own input."""
+    if "shape" not in meta:
+        dims = [d.get_length() for d in model.input(0).get_partial_shape()]
+        if len(dims) == 4:
+            return dims[0], dims[2], dims[3]
+    return fixed_shape_from_metadata(meta, path)
+
+
 class OpenVINORunner:
     """An OpenVINO IR written by export.py, compiled for OpenVINO's CPU device in float32, or with
     bf16=True in OpenVINO's bf16 inference precision. The precision is always set: OpenVINO's own
@@ -92,7 +102,7 @@ class OpenVINORunner:
         nc = out_dim.get_length() - 5 if out_dim.is_static else meta.get("nc")
         self.names = names_from_metadata(meta, nc, path)
         self.dynamic = model.input(0).get_partial_shape().is_dynamic
-        self.fixed_shape = None if self.dynamic else fixed_shape_from_metadata(meta, path)
+        self.fixed_shape = None if self.dynamic else _static_shape(model, meta, path)
         self.bf16 = bf16
         self.precision = "bf16" if bf16 else str(meta.get("precision") or "fp32")
 
