@@ -18,10 +18,13 @@ pytest.importorskip("openvino")
 
 
 def foreign_ir(ours, folder):
-    """A copy of our static IR with YOLOv5-style metadata: stride and {id: name} only."""
+    """A copy of our static IR with metadata as YOLOv5's export.py writes it: <stem>.yaml beside the
+    .xml holding only stride and {id: name}."""
     shutil.copytree(ours, folder)
     meta = yaml.safe_load((folder / "metadata.yaml").read_text())
-    (folder / "metadata.yaml").write_text(yaml.safe_dump(
+    (folder / "metadata.yaml").unlink()
+    xml = next(folder.glob("*.xml"))
+    xml.with_suffix(".yaml").write_text(yaml.safe_dump(
         {"stride": meta["stride"], "names": dict(enumerate(meta["names"]))}))
     return folder
 
@@ -34,6 +37,7 @@ def test_files_are_timed_side_by_side_including_a_foreign_ir(tiny_checkpoint, tm
     y5 = foreign_ir(paths["openvino"], tmp_path / "y5_openvino_model")
     backend = InferenceBackend(y5)
     assert backend.fixed_shape == (1, 64, 96) and backend.names == InferenceBackend(weights).names
+    assert backend.stride == 32 and backend.precision == "fp32"
     x = torch.rand(1, 3, 64, 96)
     assert torch.allclose(backend(x), InferenceBackend(paths["openvino"])(x))
     out = tmp_path / "side"

@@ -30,19 +30,22 @@ SUFFIX = "_openvino_model"  # export.py --include openvino writes <stem>_openvin
 
 
 def openvino_model_files(path: str | Path) -> tuple[Path, Path]:
-    """(IR .xml, metadata.yaml) of an OpenVINO export given as its folder or its .xml file."""
+    """(IR .xml, metadata file) of an OpenVINO export given as its folder or its .xml file. The metadata
+    is our metadata.yaml, else the `<stem>.yaml` YOLOv5's export.py writes beside the IR (stride,
+    names), so its exports run here too."""
     path = Path(path)
     if path.is_dir():
         xmls = sorted(path.glob("*.xml"))
         if len(xmls) != 1:
             raise FileNotFoundError(f"{path}: expected one OpenVINO .xml model in the folder, "
                                     f"found {len(xmls)}")
-        return xmls[0], path / "metadata.yaml"
-    return path, path.parent / "metadata.yaml"
+        path = xmls[0]
+    ours, yolov5 = path.parent / "metadata.yaml", path.with_suffix(".yaml")
+    return path, ours if ours.is_file() or not yolov5.is_file() else yolov5
 
 
 def read_openvino_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata.yaml beside an OpenVINO IR (folder or .xml); {} when absent."""
+    """The metadata beside an OpenVINO IR (folder or .xml; see openvino_model_files); {} when absent."""
     meta_file = openvino_model_files(path)[1]
     if not meta_file.is_file():
         return {}
@@ -78,6 +81,11 @@ def _static_shape(model, meta: dict[str, Any], path: Path) -> tuple[int, int, in
     return fixed_shape_from_metadata(meta, path)
 
 
+def _precision_of_graph(model) -> str:
+    """'int8' for an IR with quantisation nodes (another project's INT8 export, without our metadata)."""
+    return "int8" if any(op.get_type_name() == "FakeQuantize" for op in model.get_ops()) else "fp32"
+
+
 class OpenVINORunner:
     """An OpenVINO IR written by export.py, compiled for OpenVINO's CPU device in float32, or with
     bf16=True in OpenVINO's bf16 inference precision. The precision is always set: OpenVINO's own
@@ -104,7 +112,7 @@ class OpenVINORunner:
         self.dynamic = model.input(0).get_partial_shape().is_dynamic
         self.fixed_shape = None if self.dynamic else _static_shape(model, meta, path)
         self.bf16 = bf16
-        self.precision = "bf16" if bf16 else str(meta.get("precision") or "fp32")
+        self.precision = "bf16" if bf16 else str(meta.get("precision") or _precision_of_graph(model))
 
     def __call__(self, im: torch.Tensor) -> torch.Tensor:
         self.request.infer({0: im.detach().cpu().float().numpy()})
