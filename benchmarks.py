@@ -484,8 +484,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader", default="",
                    help="dataset YAML: also report loader images/s (mosaic, 2 workers)")
     p.add_argument("--files", nargs="+", default=[], metavar="LABEL=PATH",
-                   help="time these existing files instead (ours or another project's exports, e.g. YOLOv5's), "
-                        "alternating rounds in one process; the first is the ratios' reference")
+                   help="time these existing files instead (ours or another project's exports, e.g. "
+                        "YOLOv5's), alternating rounds in one process; the first is the ratios' reference")
     p.add_argument("--out", default="benchmarks", help="write <out>.md and <out>.csv")
     return p.parse_args(argv)
 
@@ -503,7 +503,8 @@ def files_report(args: argparse.Namespace) -> int:
         for row in rows:
             row["map50_95"] = _guarded(f"val of {row['file']}", lambda row=row: val_map(
                 Path(row["path"]), args.map_data, args.imgsz, batch_size=1))
-        table += (f"\n\nval mAP50-95 on {args.map_data} ({args.imgsz} px or the file's fixed shape, batch 1):\n\n"
+        table += (f"\n\nval mAP50-95 on {args.map_data} ({args.imgsz} px or the file's fixed shape, "
+                  "batch 1):\n\n"
                   "| file | mAP50-95 |\n|---|---|\n"
                   + "\n".join(f"| {r['file']} | {_cell(r['map50_95'])} |" for r in rows))
     print(table)

@@ -74,8 +74,8 @@ def alternating_latency(files: Mapping[str, Path], imgsz: int, runs: int, warmup
 
 
 def latency_table(rows: list[dict], runs: int) -> str:
-    lines = [f"| file | precision | input | median ms ({runs} alternating rounds) | ratio to {rows[0]['file']} |",
-             "|---|---|---|---|---|"]
+    header = f"| file | precision | input | median ms ({runs} alternating rounds) | ratio to {rows[0]['file']} |"
+    lines = [header, "|---|---|---|---|---|"]
     lines += [f"| {r['file']} | {r['precision']} | {r['input']} | {r['median_ms']:.1f} | {r['ratio']:.2f} |"
               for r in rows]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.formats import onnx, openvino, pytorch, torchscript
-from engine.formats.base import Capabilities, Format, RunOptions, Runner, WriteOptions
+from engine.formats.base import Capabilities, Format, Runner, RunOptions, WriteOptions
 
 FORMATS: dict[str, Format] = {f.name: f for f in (pytorch.FORMAT, torchscript.FORMAT, onnx.FORMAT,
                                                   openvino.FORMAT)}
