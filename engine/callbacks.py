@@ -55,16 +55,23 @@ if TYPE_CHECKING:
     from engine.trainer import Trainer, TrainOptions
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
-METRIC_COLUMNS = (
-    "epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
-    "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
-)
+LOSS_NAMES = ("box", "obj", "cls")  # Detect's loss terms, as YOLOv5 names them (DetectAF: box, dfl, cls)
+METRICS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
+METRIC_COLUMNS = ("epoch", *(f"train/{n}_loss" for n in LOSS_NAMES), *METRICS,
+                  *(f"val/{n}_loss" for n in LOSS_NAMES))
 
 
-def result_columns(n_groups: int) -> tuple[str, ...]:
+def result_columns(n_groups: int, loss_names: tuple[str, ...] = LOSS_NAMES) -> tuple[str, ...]:
     """results.csv's header for an optimiser with `n_groups` parameter groups (one x/lr column each:
-    three as in YOLOv5, more with backbone_lr_mult / layer_decay)."""
-    return (*METRIC_COLUMNS, *(f"x/lr{i}" for i in range(n_groups)))
+    three as in YOLOv5, more with backbone_lr_mult / layer_decay) and a criterion whose three loss terms
+    are `loss_names`."""
+    return ("epoch", *(f"train/{n}_loss" for n in loss_names), *METRICS, *(f"val/{n}_loss" for n in loss_names),
+            *(f"x/lr{i}" for i in range(n_groups)))
+
+
+def loss_names(trainer: Trainer) -> tuple[str, ...]:
+    """The names of the criterion's three loss terms (`loss_names`; YOLOv5's when it declares none)."""
+    return tuple(getattr(trainer.compute_loss, "loss_names", LOSS_NAMES))
 
 
 class Callback:
@@ -104,7 +111,8 @@ class ProgressLog(Callback):
                     f"epochs...\nLogging results to {trainer.save_dir}")
 
     def before_epoch(self, trainer: Trainer) -> None:
-        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
+        losses = (f"{n}_loss" for n in loss_names(trainer))
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *losses, "Instances", "Size"))
         self.bar = tqdm(total=trainer.batches_per_epoch, bar_format="{l_bar}{bar:10}{r_bar}")
         self.started, self.images = time.time(), 0
 
@@ -157,7 +165,7 @@ class ResultsCSV(Callback):
     def after_epoch(self, trainer: Trainer) -> None:
         self.rows.append([f"{v:.6g}" if isinstance(v, float) else str(v) for v in epoch_values(trainer)])
         text = io.StringIO()
-        csv.writer(text).writerows([result_columns(len(trainer.lrs)), *self.rows])
+        csv.writer(text).writerows([result_columns(len(trainer.lrs), loss_names(trainer)), *self.rows])
         atomic_write_text(trainer.save_dir / "results.csv", text.getvalue())
 
 
@@ -184,7 +192,8 @@ class TensorBoardLog(Callback):
 
     def after_epoch(self, trainer: Trainer) -> None:
         if self.writer is not None:
-            for key, value in zip(result_columns(len(trainer.lrs))[1:], epoch_values(trainer)[1:]):
+            for key, value in zip(result_columns(len(trainer.lrs), loss_names(trainer))[1:],
+                                  epoch_values(trainer)[1:]):
                 self.writer.add_scalar(key, value, trainer.epoch)
 
     def after_train(self, trainer: Trainer) -> None:

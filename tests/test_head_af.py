@@ -241,6 +241,9 @@ def test_trainer_uses_the_af_loss_and_writes_loadable_checkpoints(trained_af, ti
     assert torch.isfinite(trainer.mean_losses).all() and trainer.mean_losses.shape == (3,)
     rows = (run / "results.csv").read_text().splitlines()
     assert len(rows) == 3  # header and one row per epoch
+    header = rows[0].split(",")  # the terms by their names: DetectAF's middle term is the DFL
+    assert header[1:4] == ["train/box_loss", "train/dfl_loss", "train/cls_loss"]
+    assert header[8:11] == ["val/box_loss", "val/dfl_loss", "val/cls_loss"]
     ckpt = load_checkpoint(run / "weights" / "last.pt")
     assert "anchors" not in ckpt["yaml"] and ckpt["yaml"]["head"][-1][2] == "DetectAF"
     model = load_detection_model(run / "weights" / "last.pt", "cpu", fuse=True)

@@ -89,6 +89,8 @@ class ComputeLoss:
     the Detect module's `anchors` buffer, so AutoAnchor changes made in place are seen.
     """
 
+    loss_names = ("box", "obj", "cls")  # results.csv's train/<name>_loss columns
+
     sort_obj_iou = False  # YOLOv5's option: write the highest IoU last where targets share a cell
 
     def __init__(self, model: nn.Module, autobalance: bool = False):
