@@ -103,6 +103,7 @@ class ProgressLog(Callback):
         self.bar: tqdm | None = None
         self.started = self.train_started = 0.0
         self.images = 0
+        self.train_seconds = 0.0  # this epoch's batches so far: the rate leaves validation and saving out
 
     def before_train(self, trainer: Trainer) -> None:
         o = trainer.options
@@ -114,11 +115,12 @@ class ProgressLog(Callback):
         losses = (f"{n}_loss" for n in loss_names(trainer))
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *losses, "Instances", "Size"))
         self.bar = tqdm(total=trainer.batches_per_epoch, bar_format="{l_bar}{bar:10}{r_bar}")
-        self.started, self.images = time.time(), 0
+        self.started, self.images, self.train_seconds = time.time(), 0, 0.0
 
     def after_step(self, trainer: Trainer) -> None:
         images, targets, _ = trainer.batch
         self.images += images.shape[0]
+        self.train_seconds = time.time() - self.started
         mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
         self.bar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
             f"{trainer.epoch}/{trainer.options.epochs - 1}", mem, *trainer.mean_losses.tolist(), targets.shape[0],
@@ -127,7 +129,7 @@ class ProgressLog(Callback):
 
     def after_epoch(self, trainer: Trainer) -> None:
         self.bar.close()
-        rate = self.images * trainer.world_size / max(time.time() - self.started, 1e-9)
+        rate = self.images * trainer.world_size / max(self.train_seconds, 1e-9)
         LOGGER.info(f"epoch {trainer.epoch}: {rate:.1f} train images/s")
 
     def after_train(self, trainer: Trainer) -> None:

@@ -1,11 +1,17 @@
 """The anchor-free decoupled detection head `DetectAF` (YOLOv8 style), a YAML module:
 
     [[17, 20, 23], 1, DetectAF, [nc]]          # instead of [[17, 20, 23], 1, Detect, [nc, anchors]]
+    [[17, 20, 23], 1, DetectAF, [nc, 16, dw]]  # the same with depthwise-separable branches (lighter)
 
 Per level, a box branch (two 3x3 Conv-BN-SiLU, then a 1x1 conv to 4 * reg_max logits: a distribution
 over the integer distances 0 .. reg_max - 1 cells from the cell centre to each box side) and a class
 branch (two 3x3 Conv-BN-SiLU, then a 1x1 conv to nc logits). No objectness, no anchors: targets are
 assigned by task alignment (utils/tal.py) and trained with utils/loss_af.py.
+
+The third argument picks the branch layers: `conv` (the default, YOLOv8's full 3x3 convolutions) or
+`dw`, where each 3x3 Conv becomes a depthwise 3x3 Conv followed by a pointwise 1x1 Conv. On a small
+neck the full branches cost more than the rest of the model (yolov5n at 320: 1.1 -> 1.9 GFLOPs);
+`dw` keeps the head's extra cost to a few per cent of it.
 
 Eval output has exactly the layout of the anchor-based `Detect`: (B, N, 5 + nc) rows
 [x, y, w, h (input pixels), obj, cls scores...], N = sum over levels of ny * nx (level-major, then
@@ -21,10 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.common import Conv
+from models.common import Conv, DWConv
 from utils.anchor_points import distances_to_xywh, distribution_expectation, make_anchor_points
 
 REG_MAX = 16  # distance bins per box side (YOLOv8's default): distances up to 15 cells of each level
+BRANCHES = ("conv", "dw")  # DetectAF's branch layers: full 3x3 convolutions, or depthwise-separable ones
 
 
 class DetectAF(nn.Module):
@@ -39,17 +46,20 @@ class DetectAF(nn.Module):
     anchor_free = True  # what build_criterion and the trainer's autoanchor check look at
     na = 1  # one prediction per cell (what the TTA row bookkeeping counts per cell)
 
-    def __init__(self, nc: int = 80, ch: Sequence[int] = (), reg_max: int = REG_MAX):
+    def __init__(self, nc: int = 80, ch: Sequence[int] = (), reg_max: int = REG_MAX, branches: str = "conv"):
         super().__init__()
         if not ch:
             raise ValueError("DetectAF needs the input channels of at least one level")
+        if branches not in BRANCHES:
+            raise ValueError(f"DetectAF's branches must be one of {', '.join(BRANCHES)}, got {branches!r}")
         self.nc, self.nl, self.reg_max = int(nc), len(ch), int(reg_max)
         self.no = self.nc + 5  # width of a decoded row, as Detect's
         self.register_buffer("stride", torch.ones(self.nl), persistent=False)
         box_width = max(16, ch[0] // 4, 4 * self.reg_max)  # YOLOv8's branch widths
         cls_width = max(ch[0], min(self.nc, 100))
-        self.box_branch = nn.ModuleList(_branch(c, box_width, 4 * self.reg_max) for c in ch)
-        self.cls_branch = nn.ModuleList(_branch(c, cls_width, self.nc) for c in ch)
+        branch = _branch if branches == "conv" else _dw_branch
+        self.box_branch = nn.ModuleList(branch(c, box_width, 4 * self.reg_max) for c in ch)
+        self.cls_branch = nn.ModuleList(branch(c, cls_width, self.nc) for c in ch)
 
     def forward(self, x: list[torch.Tensor]):
         maps = [torch.cat((box(f), cls(f)), 1) for f, box, cls in zip(x, self.box_branch, self.cls_branch)]
@@ -78,6 +88,13 @@ class DetectAF(nn.Module):
 
 def _branch(in_channels: int, width: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(Conv(in_channels, width, 3), Conv(width, width, 3),
+                         nn.Conv2d(width, out_channels, 1))
+
+
+def _dw_branch(in_channels: int, width: int, out_channels: int) -> nn.Sequential:
+    """_branch with each 3x3 Conv split into a depthwise 3x3 Conv and a pointwise 1x1 Conv."""
+    return nn.Sequential(DWConv(in_channels, in_channels, 3), Conv(in_channels, width, 1),
+                         DWConv(width, width, 3), Conv(width, width, 1),
                          nn.Conv2d(width, out_channels, 1))
 
 

@@ -278,7 +278,7 @@ def _module_args(m, f, n, args, ch, symbols, gd, gw, no, i, row):
             args[1] = [list(range(args[1] * 2))] * len(sources)
         out_ch = None
     elif m is DetectAF:
-        args.insert(1, in_ch)  # DetectAF(nc, ch, reg_max=16)
+        args.insert(1, in_ch)  # DetectAF(nc, ch, reg_max=16, branches="conv")
         out_ch = None
     else:
         out_ch = in_ch[0]

@@ -144,6 +144,48 @@ def test_biases_follow_yolov8s_prior():
     assert head.box_branch[0][0].conv.out_channels == 64 and head.cls_branch[0][0].conv.out_channels == 64
 
 
+def _yaml_with_head_args(tmp_path, args: str):
+    """yolov5n-af.yaml with its DetectAF row's arguments replaced by `args` (YAML text)."""
+    from utils.general import resolve_config
+
+    text = resolve_config("yolov5n-af.yaml", "models").read_text()
+    path = tmp_path / "head.yaml"
+    path.write_text(text.replace("DetectAF, [nc]]", f"DetectAF, {args}]"))
+    return str(path)
+
+
+def test_dw_branches_are_depthwise_separable_lighter_and_keep_the_layout(tmp_path):
+    from utils.torch_utils import count_flops
+
+    full, light = af_model(), af_model(cfg=_yaml_with_head_args(tmp_path, "[nc, 16, dw]"))
+    head = light.model[-1]
+    for branch in (*head.box_branch, *head.cls_branch):
+        depthwise, pointwise = branch[0].conv, branch[1].conv
+        assert depthwise.groups == depthwise.in_channels and depthwise.kernel_size == (3, 3)
+        assert pointwise.kernel_size == (1, 1) and pointwise.groups == 1
+    assert head.box_branch[0][-1].out_channels == 64 and head.cls_branch[0][-1].out_channels == 3
+    head_params = {m: sum(p.numel() for p in m.model[-1].parameters()) for m in (full, light)}
+    assert head_params[light] < head_params[full] / 5
+    # the whole model's cost: the full branches add about 70% to yolov5n, the depthwise ones under 10%
+    base = count_flops(af_model(cfg="yolov5n.yaml"), 320)
+    assert count_flops(full, 320) > 1.5 * base and count_flops(light, 320) < 1.1 * base
+    calibrate_batchnorm(light)
+    x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = light(x)[0]
+        light.fuse()
+        after = light(x)[0]
+    assert before.shape == (1, (12 * 16 + 6 * 8 + 3 * 4), 8)
+    assert (after - before).abs().max() <= 1e-4 * max(1.0, before[..., :4].abs().max().item())
+
+
+def test_unknown_branch_kind_names_the_row(tmp_path):
+    from models.yolo import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=r"row 24.*branches must be one of conv, dw, got 'wide'"):
+        DetectionModel(_yaml_with_head_args(tmp_path, "[nc, 16, wide]"))
+
+
 def test_af_yamls_need_no_anchors_but_detect_yamls_still_do(tmp_path):
     import yaml
 

@@ -110,3 +110,26 @@ def test_options_from_an_older_checkpoint_keep_known_keys_only():
     options = TrainOptions.from_dict({"epochs": 5, "imgsz": 320, "no_longer_a_flag": True})
     assert options.epochs == 5 and options.imgsz == 320 and not hasattr(options, "no_longer_a_flag")
     assert options.as_plain_dict()["epochs"] == 5
+
+
+def test_train_images_per_second_leaves_validation_out(monkeypatch, caplog):
+    """The epoch's 'train images/s' counts the batches only: time spent validating after the last
+    batch (every epoch of a normal run) must not lower it."""
+    import logging
+    from types import SimpleNamespace
+
+    from engine import callbacks
+
+    clock = iter([100.0, 102.0, 104.0, 164.0])  # epoch start, two batches 2 s apart, validation 60 s
+    monkeypatch.setattr(callbacks.time, "time", lambda: next(clock))
+    progress = callbacks.ProgressLog()
+    trainer = SimpleNamespace(epoch=0, world_size=1, batches_per_epoch=2, options=SimpleNamespace(epochs=1),
+                              mean_losses=torch.zeros(3), batch=(torch.zeros(8, 3, 32, 32), torch.zeros(5, 6), []),
+                              compute_loss=None)
+    monkeypatch.setattr(callbacks, "loss_names", lambda t: ("box", "obj", "cls"))
+    progress.before_epoch(trainer)
+    progress.after_step(trainer)
+    progress.after_step(trainer)
+    with caplog.at_level(logging.INFO, logger="vitdet"):
+        progress.after_epoch(trainer)
+    assert "epoch 0: 4.0 train images/s" in caplog.text  # 16 images in 4 s, not in 64 s
