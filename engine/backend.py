@@ -161,6 +161,15 @@ class InferenceBackend:
         backend.in_memory = True
         return backend
 
+    @classmethod
+    def from_runner(cls, weights: Path | str, runner, device: str | torch.device = "cpu") -> InferenceBackend:
+        """A backend around a runner built by the caller (e.g. an OpenVINO runner of a model compiled in
+        memory), named after `weights`, the file whose format and metadata it carries."""
+        backend = cls.__new__(cls)
+        backend.device, backend.bf16_emulated = select_device(device), False
+        backend._attach(weights, formats.format_of(Path(weights)), [runner])
+        return backend
+
     in_memory = False  # True for from_model
 
     @property

@@ -64,19 +64,20 @@ class EvalOptions:
                           save_conf=self.save_conf, save_json=self.save_json, verbose=self.verbose)
 
 
-def evaluate(opt: EvalOptions) -> tuple[ValResults, Path]:
-    """Validate `opt.weights` on the dataset split `opt.task`; returns (results, save_dir)."""
+def evaluate(opt: EvalOptions, backend=None) -> tuple[ValResults, Path]:
+    """Validate `opt.weights` (or an InferenceBackend already loaded: `backend`) on the dataset split
+    `opt.task`; returns (results, save_dir)."""
     from data.config import check_dataset
     from engine.backend import InferenceBackend
 
-    device = select_device(opt.device)
+    device = select_device(opt.device) if backend is None else backend.device
     if opt.half and device.type != "cuda":
         raise ValueError(f"--half needs a CUDA device (half precision is not supported for "
                          f"{device.type.upper()} inference; --device {opt.device!r} gave {device}); "
                          f"drop --half or pick a CUDA device")
     cfg = check_dataset(opt.data)
     names = ["item"] if opt.single_cls else cfg["names"]
-    backend = InferenceBackend(opt.weights, device=device, fp16=opt.half, bf16=opt.bf16)
+    backend = backend or InferenceBackend(opt.weights, device=device, fp16=opt.half, bf16=opt.bf16)
     check_classes(backend, cfg, opt.weights, opt.single_cls)
     imgsz, batch_size, rect = shapes_for(backend, opt.imgsz, opt.batch_size)
     split = opt.task if opt.task in ("train", "val", "test") else "val"

@@ -67,17 +67,17 @@ def int8_target(weights: Path) -> Path:
 
 
 # -- calibration data ---------------------------------------------------------------------------------
-def calibration_files(data: str | Path | dict, count: int) -> list[str]:
-    """`count` images spread evenly over the dataset's train split (all of them when it is smaller)."""
+def calibration_files(data: str | Path | dict, count: int, split: str = "train") -> list[str]:
+    """`count` images spread evenly over the dataset's `split` (all of them when it is smaller)."""
     from data.config import check_dataset
     from data.verify import list_image_files
 
     if count < 1:
         raise ValueError(f"--calib {count}: need at least one calibration image")
     cfg = check_dataset(data)
-    files, _ = list_image_files(cfg["train"])
+    files, _ = list_image_files(cfg[split])
     if not files:
-        raise ValueError(f"dataset {cfg.get('yaml_file')}: no images in the train split to calibrate on")
+        raise ValueError(f"dataset {cfg.get('yaml_file')}: no images in the {split} split to calibrate on")
     if len(files) <= count:
         return files
     index = np.linspace(0, len(files) - 1, count).round().astype(int)
@@ -221,16 +221,17 @@ def quantize_onnx_int8(float_onnx: str | Path, out: str | Path, batches: Sequenc
 
 
 # -- the accuracy gate --------------------------------------------------------------------------------
-def val_map(weights: Path, data, imgsz: int, batch_size: int, workers: int = 0, bf16: bool = False) -> float:
-    """mAP50-95 of `weights` on the dataset's val split (engine.evaluation, no plots, temp folder),
-    under bf16 autocast with `bf16`."""
+def val_map(weights: Path, data, imgsz: int, batch_size: int, workers: int = 0, bf16: bool = False,
+            backend=None) -> float:
+    """mAP50-95 of `weights` (or of `backend`, an InferenceBackend in memory) on the dataset's val split
+    (engine.evaluation, no plots, temp folder), under bf16 autocast with `bf16`."""
     from engine.evaluation import EvalOptions, evaluate
 
     with tempfile.TemporaryDirectory(prefix="vitdet-val-") as tmp:
         results, _ = evaluate(EvalOptions(weights=weights, data=str(data) if isinstance(data, Path) else data,
                                           imgsz=imgsz, batch_size=batch_size, device="cpu", workers=workers,
                                           plots=False, project=tmp, name="val", exist_ok=True, bf16=bf16,
-                                          report_folder=False))
+                                          report_folder=False), backend)
     return float(results.map)
 
 

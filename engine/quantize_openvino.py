@@ -16,6 +16,11 @@ Settings and why:
   themselves are quantised (their inputs are the body's int8 maps).
 - preset 'mixed' (symmetric weights, asymmetric activations: SiLU and GELU outputs are one-sided) or
   'performance' (symmetric both); see DEFAULT_PRESET.
+- Accuracy control (`restore`, used by the exporter when the plain INT8 IR fails the --int8-tolerance
+  gate): nncf.quantize_with_accuracy_control with our own val mAP50-95 as its metric. NNCF ranks the
+  quantised layers by how far their int8 outputs move the model's outputs on a few val images, then
+  returns them to float one group at a time, re-validating after each, until the drop is within
+  `max_drop` (at most `max_reverted` groups: each costs a val pass).
 - model_type: nncf.ModelType.TRANSFORMER when the graph has attention (a Softmax, or a MatMul of two
   activations: EfficientViT, FastViT-SA, LeViT, MPViT); it keeps the attention score and
   normalisation paths that lose accuracy at 8 bits in float and applies SmoothQuant to the linear
@@ -26,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ LOGGER = logging.getLogger(f"vitdet.{__name__}")
 PRESETS = ("mixed", "performance")
 DEFAULT_PRESET = "mixed"
 MODEL_TYPES = ("auto", "cnn", "transformer")
+MAX_REVERTED_GROUPS = 8  # accuracy control: layer groups returned to float at most (one val pass each)
 _KEPT_IN_HEAD = ("Convolution", "Constant", "Parameter", "Result")  # not ignored: quantised convs, data
 
 
@@ -79,18 +86,36 @@ def _quiet_nncf():
         logger.setLevel(level)
 
 
+@dataclass
+class AccuracyRestore:
+    """NNCF accuracy control's inputs: `validate(compiled_model) -> mAP50-95` (the gate's metric),
+    `ranking_batches` (model inputs on which layers are ranked), the largest allowed absolute drop and
+    how many layer groups may go back to float."""
+
+    validate: Callable[[Any], float]
+    ranking_batches: Sequence[np.ndarray]
+    max_drop: float
+    max_reverted: int = MAX_REVERTED_GROUPS
+
+
 def nncf_settings(preset: str, transformer: bool, ignored: int, calibration_images: int) -> dict[str, Any]:
     """The settings as recorded in the INT8 IR's metadata.yaml (`int8`)."""
     return {"method": "nncf", "preset": preset, "model_type": "transformer" if transformer else "default",
             "decode_nodes_in_float": ignored, "calibration_images": calibration_images}
 
 
+def fake_quantize_count(model) -> int:
+    """FakeQuantize nodes of an ov.Model: what NNCF quantised (accuracy control removes some)."""
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+
+
 def quantize_openvino_ir(xml: str | Path, out_xml: str | Path, batches: Sequence[np.ndarray],
                          head_prefix: str, preset: str = DEFAULT_PRESET,
-                         model_type: str = "auto") -> dict[str, Any]:
+                         model_type: str = "auto", restore: AccuracyRestore | None = None) -> dict[str, Any]:
     """Quantise the IR `xml` with NNCF, calibrated on `batches` ((B, 3, H, W) float32 RGB in [0, 1], the
-    IR's input), and save it as `out_xml` (+ .bin, weights not compressed to fp16). Returns the
-    settings (nncf_settings)."""
+    IR's input), and save it as `out_xml` (+ .bin, weights not compressed to fp16). With `restore`,
+    NNCF's accuracy control returns the layers that cost most accuracy to float. Returns the settings
+    (nncf_settings, plus the FakeQuantize count and, with `restore`, 'accuracy_control')."""
     import nncf
     import openvino as ov
 
@@ -102,14 +127,36 @@ def quantize_openvino_ir(xml: str | Path, out_xml: str | Path, batches: Sequence
     transformer = has_attention(model, head_prefix) if model_type == "auto" else model_type == "transformer"
     ignored = decode_nodes(model, head_prefix)
     presets = {"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}
+    common = dict(preset=presets[preset], model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+                  subset_size=len(batches), ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
     with _quiet_nncf():
-        quantised = nncf.quantize(model, nncf.Dataset(list(batches)), preset=presets[preset],
-                                  model_type=nncf.ModelType.TRANSFORMER if transformer else None,
-                                  subset_size=len(batches),
-                                  ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+        if restore is None:
+            quantised = nncf.quantize(model, nncf.Dataset(list(batches)), **common)
+        else:
+            quantised = _quantize_with_accuracy_control(nncf, model, batches, restore, common)
     ov.save_model(quantised, str(out_xml), compress_to_fp16=False)
     images = int(sum(len(b) for b in batches))
     LOGGER.info(f"INT8 (NNCF): quantised {Path(xml).name} (preset '{preset}', "
                 f"{'transformer' if transformer else 'default'} model type) on {images} calibration images; "
                 f"{len(ignored)} decoding nodes of the Detect head kept in float")
-    return nncf_settings(preset, transformer, len(ignored), images)
+    settings = {**nncf_settings(preset, transformer, len(ignored), images),
+                "fake_quantize_nodes": fake_quantize_count(quantised)}
+    if restore is not None:
+        settings["accuracy_control"] = {"max_drop": restore.max_drop, "max_reverted": restore.max_reverted}
+    return settings
+
+
+def _quantize_with_accuracy_control(nncf, model, batches, restore: AccuracyRestore, common: dict):
+    """nncf.quantize_with_accuracy_control: our val mAP50-95 is the metric (no per-image values, so NNCF
+    ranks layers by the change of the model's outputs on `restore.ranking_batches`)."""
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    def validation_fn(compiled_model, _items) -> tuple[float, None]:
+        return float(restore.validate(compiled_model)), None
+
+    ranking = list(restore.ranking_batches)
+    params = AdvancedAccuracyRestorerParameters(max_num_iterations=restore.max_reverted,
+                                                ranking_subset_size=len(ranking))
+    return nncf.quantize_with_accuracy_control(
+        model, nncf.Dataset(list(batches)), nncf.Dataset(ranking), validation_fn, max_drop=restore.max_drop,
+        drop_type=nncf.DropType.ABSOLUTE, advanced_accuracy_restorer_parameters=params, **common)

@@ -95,6 +95,45 @@ def test_too_strict_tolerance_fails_the_nncf_export_with_the_drop_and_leaves_no_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt", "w_openvino_model"]
 
 
+def test_accuracy_control_returns_layers_to_float_until_the_metric_is_within_max_drop(nncf_export, tiny_data,
+                                                                                     tmp_path):
+    """NNCF's accuracy control driven by our validate(compiled model) -> metric, each candidate run through
+    our OpenVINO runner: fewer FakeQuantize nodes than the fully quantised IR, metric within max_drop."""
+    from engine import quantize
+    from engine.formats.openvino import OpenVINORunner
+    from engine.quantize_openvino import AccuracyRestore, fake_quantize_count, quantize_openvino_ir
+
+    _, results = nncf_export
+    float_ir = results["openvino"].path
+    cpu = torch.device("cpu")
+    x = torch.rand((1, 3, IMGSZ, IMGSZ), generator=torch.Generator().manual_seed(2))
+    reference = InferenceBackend(float_ir)(x)
+
+    def backend_of(compiled):
+        return InferenceBackend.from_runner(float_ir, OpenVINORunner(float_ir, cpu, compiled=compiled), cpu)
+
+    def metric(compiled) -> float:  # 1 minus the output distance from the float IR: 1 for the float model
+        return 1.0 - compare_outputs(reference, backend_of(compiled)(x))[1]
+
+    full = ov.Core().compile_model(str(results["openvino_int8"].path / "w_int8.xml"), "CPU")
+    full_drop = 1.0 - metric(full)
+    assert full_drop > 1e-4
+    shape, batches = (1, 3, IMGSZ, IMGSZ), [x.numpy()]
+    calibration = quantize.calibration_batches(quantize.calibration_files(tiny_data, 8), shape, 32)
+    restore = AccuracyRestore(metric, batches, max_drop=0.7 * full_drop, max_reverted=8)
+    settings = quantize_openvino_ir(float_ir / "w.xml", tmp_path / "r.xml", calibration, HEAD, restore=restore)
+    restored = ov.Core().read_model(str(tmp_path / "r.xml"))
+    assert settings["accuracy_control"] == {"max_drop": pytest.approx(0.7 * full_drop), "max_reverted": 8}
+    assert settings["fake_quantize_nodes"] == fake_quantize_count(restored)
+    assert fake_quantize_count(restored) < fake_quantize_count(ov.Core().read_model(
+        str(results["openvino_int8"].path / "w_int8.xml")))
+    assert 1.0 - metric(ov.Core().compile_model(restored, "CPU")) <= 0.7 * full_drop
+    # the gate's val pass runs a compiled model in memory exactly as the file it came from
+    compiled_float = ov.Core().compile_model(str(float_ir / "w.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert quantize.val_map(float_ir, tiny_data, IMGSZ, 1, backend=backend_of(compiled_float)) == \
+        pytest.approx(quantize.val_map(float_ir, tiny_data, IMGSZ, 1), abs=1e-6)
+
+
 def test_attention_is_found_in_the_graph_and_the_decode_nodes_by_prefix():
     import openvino.opset13 as opset
 

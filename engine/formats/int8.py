@@ -46,6 +46,8 @@ class Calibration:
     batch: int
     workers: int
     tolerance: float
+    shape: tuple[int, ...] = ()  # the export's (B, 3, H, W)
+    stride: int = 32
 
     @classmethod
     def load(cls, data: Any, calib: int | None, tolerance: float | None, workers: int,
@@ -57,16 +59,24 @@ class Calibration:
                     f"letterboxed to {shape[2]}x{shape[3]}")
         tolerance = quantize.DEFAULT_INT8_TOLERANCE if tolerance is None else tolerance
         return cls(data, quantize.calibration_batches(files, shape, stride), len(files),
-                   max(shape[2], shape[3]), shape[0], workers, tolerance)
+                   max(shape[2], shape[3]), shape[0], workers, tolerance, tuple(shape), stride)
+
+    def val_batches(self, count: int) -> list:
+        """`count` val images letterboxed to the export's shape, as model inputs (NNCF ranks layers on them)."""
+        from engine import quantize
+
+        return quantize.calibration_batches(quantize.calibration_files(self.data, count, split="val"),
+                                            self.shape, self.stride)
 
     @property
     def data_name(self) -> str:
         return Path(str(self.data)).name
 
-    def val_map(self, weights: Path) -> float:
+    def val_map(self, weights: Path, backend=None) -> float:
+        """The gate's metric: val mAP50-95 of `weights` (or of `backend`, carrying that file's metadata)."""
         from engine import quantize
 
-        return quantize.val_map(weights, self.data, self.imgsz, self.batch, self.workers)
+        return quantize.val_map(weights, self.data, self.imgsz, self.batch, self.workers, backend=backend)
 
 
 @dataclass
