@@ -34,12 +34,27 @@ def test_a_failing_compile_falls_back_to_eager_with_a_message(monkeypatch, caplo
         def forward(self, x):
             raise RuntimeError("inductor: no C++ compiler")
 
-    monkeypatch.setattr(torch, "compile", lambda net: Broken())
+    requests = []
+    monkeypatch.setattr(torch, "compile", lambda net, **options: requests.append(options) or Broken())
     with caplog.at_level(logging.WARNING, logger="vitdet"):
         result = measure_variant("yolov5n.yaml", "compile", imgsz=64, batch_size=2, steps=1,
                                  device=torch.device("cpu"), warmup=1)
     assert result.images_per_s > 0 and result.note.startswith("compile failed")
     assert "--compile: torch.compile failed (RuntimeError: inductor: no C++ compiler)" in caplog.text
+    # static shapes: the epoch's last, smaller batch gets its own graph instead of a slower symbolic one
+    assert requests == [{"dynamic": False}]
+
+
+def test_multi_scale_compiles_with_symbolic_shapes(monkeypatch):
+    from types import SimpleNamespace
+
+    from engine.trainer import Trainer
+
+    requests = []
+    monkeypatch.setattr(torch, "compile", lambda net, **options: requests.append(options) or net)
+    trainer = SimpleNamespace(options=SimpleNamespace(compile=True, multi_scale=True), is_main=False)
+    net = torch.nn.Identity()
+    assert Trainer._compile(trainer, net) is net and requests == [{"dynamic": None}]
 
 
 def test_bf16_is_skipped_without_native_bf16(monkeypatch):

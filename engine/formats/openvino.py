@@ -178,7 +178,13 @@ def export_openvino_nncf(float_ir: Path, target: Path, job: Int8Job) -> ExportRe
             raise  # a failed write, a tolerance no model meets, or no float mAP for NNCF to measure drops from
         EXPORT_LOG.info("openvino_int8: the fully quantised IR missed the gate; NNCF accuracy control now returns "
                         "the layers that cost most accuracy to float until the drop is within --int8-tolerance")
-        result = _gate_int8_dir(target, writer(_accuracy_restore(float_ir, job)), job, map_float)
+        restore = _accuracy_restore(float_ir, job)
+        try:
+            result = _gate_int8_dir(target, writer(restore), job, map_float)
+        except ExportError as err2:
+            raise ExportError(f"{err2}; NNCF accuracy control returned up to {restore.max_reverted} layer groups to "
+                              f"float without meeting it: try --openvino-int8 qdq with onnx in --include (the "
+                              f"ONNX Runtime INT8 file converted), or --calib with more images") from err2
     result.metrics.update(ops=f"nncf {preset}", method="nncf", model_type=settings.get("model_type"),
                           accuracy_control="accuracy_control" in settings)
     return result
