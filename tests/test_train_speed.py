@@ -87,3 +87,14 @@ def test_speed_flags_reach_the_trainer_options():
     options = TrainOptions.from_dict(vars(opt))
     assert options.channels_last and options.compile
     assert not TrainOptions.from_dict(vars(train.build_parser().parse_args(["--cfg", "yolov5n.yaml"]))).compile
+
+
+def test_a_model_yaml_outside_the_project_is_timed_from_its_path(tmp_path):
+    from engine.train_speed import train_speed_table
+    from utils.general import resolve_config
+
+    own = tmp_path / "my-model.yaml"
+    own.write_text(resolve_config("yolov5n.yaml", "models").read_text())
+    table = train_speed_table([str(own)], ["fp32"], 64, 2, 1, torch.device("cpu"))
+    row = table.splitlines()[-1]
+    assert row.startswith("| my-model.yaml | fp32 | ") and float(row.split("|")[3]) > 0
