@@ -19,6 +19,10 @@ class ExportError(RuntimeError):
     """An export that could not be written or that gives different numbers from the PyTorch model."""
 
 
+class Int8GateError(ExportError):
+    """An INT8 model written fine whose val mAP50-95 dropped by more than the tolerance."""
+
+
 @dataclass
 class Verification:
     """One comparison of an export with the PyTorch model on the same input."""
@@ -98,13 +102,13 @@ class Int8Job:
     done: dict[str, ExportResult] = field(default_factory=dict)
 
     def gate(self, label: str, target: Path, map_float: float, map_int8: float) -> float:
-        """The mAP50-95 drop of an INT8 model, or ExportError naming both mAPs and the tolerance."""
+        """The mAP50-95 drop of an INT8 model, or Int8GateError naming both mAPs and the tolerance."""
         from engine import quantize
 
         try:
             return quantize.check_int8_accuracy(map_float, map_int8, self.calibration.tolerance)
         except ValueError as err:
-            raise ExportError(f"{label} export of {target.name} failed: {err}") from err
+            raise Int8GateError(f"{label} export of {target.name} failed: {err}") from err
 
 
 def size_mb(path: Path) -> float:

@@ -22,7 +22,7 @@ from engine.formats.base import (
     stride_from_metadata,
 )
 from engine.formats.int8 import LOGGER as EXPORT_LOG  # INT8 writers log as the exporter
-from engine.formats.int8 import ExportError, ExportResult, Int8Job, size_mb
+from engine.formats.int8 import ExportError, ExportResult, Int8GateError, Int8Job, size_mb
 from engine.formats.onnx import write_onnx
 
 LOGGER = logging.getLogger("vitdet.engine.backend")
@@ -173,18 +173,18 @@ def export_openvino_nncf(float_ir: Path, target: Path, job: Int8Job) -> ExportRe
 
     try:
         result = _gate_int8_dir(target, writer(None), job, map_float)
-    except ExportError as err:
-        if job.calibration.tolerance < 0 or map_float <= 0 or "--int8-tolerance" not in str(err):
-            raise  # a failed write, a tolerance no model meets, or no float mAP for NNCF to measure drops from
+    except Int8GateError:
+        if job.calibration.tolerance < 0 or map_float <= 0:
+            raise  # a tolerance no model meets, or no float mAP for NNCF to measure drops from
         EXPORT_LOG.info("openvino_int8: the fully quantised IR missed the gate; NNCF accuracy control now returns "
                         "the layers that cost most accuracy to float until the drop is within --int8-tolerance")
         restore = _accuracy_restore(float_ir, job)
         try:
             result = _gate_int8_dir(target, writer(restore), job, map_float)
-        except ExportError as err2:
-            raise ExportError(f"{err2}; NNCF accuracy control returned up to {restore.max_reverted} layer groups to "
+        except Int8GateError as err:
+            raise Int8GateError(f"{err}; NNCF accuracy control returned up to {restore.max_reverted} layer groups to "
                               f"float without meeting it: try --openvino-int8 qdq with onnx in --include (the "
-                              f"ONNX Runtime INT8 file converted), or --calib with more images") from err2
+                              f"ONNX Runtime INT8 file converted), or --calib with more images") from err
     result.metrics.update(ops=f"nncf {preset}", method="nncf", model_type=settings.get("model_type"),
                           accuracy_control="accuracy_control" in settings)
     return result
