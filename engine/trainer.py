@@ -583,9 +583,9 @@ class Trainer:
         """--compile: torch.compile(net) (compiled lazily, on the first batch of each new shape).
 
         Static shapes: a fixed image size sees two batch shapes (full, and the epoch's last partial
-        batch), each compiled once. torch's default would recompile the second one with symbolic shapes
-        and then run that slower graph for every batch (measured: the compiled gain fell from 1.4x to
-        1.1x). --multi-scale sees many shapes, so it keeps symbolic shapes."""
+        batch), each compiled once. torch's default recompiles the second one with symbolic shapes and
+        then runs that generic graph for every batch. --multi-scale sees many shapes, so it keeps
+        symbolic shapes."""
         if not self.options.compile:
             return None
         if self.is_main:

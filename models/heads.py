@@ -11,7 +11,7 @@ assigned by task alignment (utils/tal.py) and trained with utils/loss_af.py.
 The third argument picks the branch layers: `conv` (the default, YOLOv8's full 3x3 convolutions) or
 `dw`, where each 3x3 Conv becomes a depthwise 3x3 Conv followed by a pointwise 1x1 Conv. On a small
 neck the full branches cost more than the rest of the model (yolov5n at 320: 1.1 -> 1.9 GFLOPs);
-`dw` keeps the head's extra cost to a few per cent of it.
+`dw` keeps the head's extra cost to about a tenth of the model (docs/heads.md).
 
 Eval output has exactly the layout of the anchor-based `Detect`: (B, N, 5 + nc) rows
 [x, y, w, h (input pixels), obj, cls scores...], N = sum over levels of ny * nx (level-major, then
