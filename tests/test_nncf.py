@@ -1,5 +1,5 @@
 """export.py --include openvino --int8: NNCF post-training quantisation of the float IR, the Detect head's
-decoding kept in float, gated by the val mAP50-95 drop like the ONNX Runtime INT8 file."""
+output convs and decoding kept in float, gated by the val mAP50-95 drop like the ONNX Runtime INT8 file."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import yaml
 from data.builtin import CLASS_NAMES
 from engine.backend import InferenceBackend
 from engine.exporter import compare_outputs, export_and_verify
-from engine.quantize_openvino import decode_nodes, has_attention
+from engine.quantize_openvino import float_head_nodes, has_attention
 from export import main as export_main
 from tests.test_int8 import HEAD, IMGSZ, make_weights
 
@@ -46,7 +46,7 @@ def test_nncf_ir_is_written_with_its_settings_and_int8_ops(nncf_export):
     settings = meta["int8"]
     assert settings["method"] == "nncf" and settings["preset"] == "mixed"
     assert settings["model_type"] == "default"
-    assert settings["calibration_images"] == 8 and settings["decode_nodes_in_float"] > 10
+    assert settings["calibration_images"] == 8 and settings["head_nodes_in_float"] > 10
     metrics = results["openvino_int8"].metrics
     assert metrics["method"] == "nncf"
     assert metrics["drop"] == pytest.approx(metrics["map_float"] - metrics["map_int8"])
@@ -55,7 +55,7 @@ def test_nncf_ir_is_written_with_its_settings_and_int8_ops(nncf_export):
     assert not any(op.get_type_name() == "FakeQuantize" for op in _ops(results["openvino"].path / "w.xml"))
 
 
-def test_the_head_decoding_stays_float_and_its_convs_are_quantised(nncf_export):
+def test_the_head_stays_float_and_the_body_convs_are_quantised(nncf_export):
     _, results = nncf_export
     ops = _ops(results["openvino_int8"].path / "w_int8.xml")
     quantised_inputs = {}
@@ -63,11 +63,15 @@ def test_the_head_decoding_stays_float_and_its_convs_are_quantised(nncf_export):
         sources = [op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())]
         quantised_inputs[op.get_friendly_name()] = "FakeQuantize" in sources
     head = [op for op in ops if op.get_friendly_name().startswith(HEAD)]
+    head_convs = [op.get_friendly_name() for op in head if op.get_type_name() == "Convolution"]
     decoding = [op.get_friendly_name() for op in head
                 if op.get_type_name() not in ("Convolution", "Constant")]
-    convs = [op.get_friendly_name() for op in head if op.get_type_name() == "Convolution"]
-    assert len(convs) == 3 and all(quantised_inputs[name] for name in convs)
+    body_convs = [op.get_friendly_name() for op in ops
+                  if op.get_type_name() == "Convolution" and not op.get_friendly_name().startswith(HEAD)]
+    # neither their inputs nor their weights pass through a FakeQuantize
+    assert len(head_convs) == 3 and not any(quantised_inputs[name] for name in head_convs)
     assert decoding and not any(quantised_inputs[name] for name in decoding)
+    assert body_convs and all(quantised_inputs[name] for name in body_convs)
 
 
 def test_backend_runs_the_nncf_ir_quantised_and_close_to_float(nncf_export):
@@ -134,7 +138,7 @@ def test_accuracy_control_returns_layers_to_float_until_the_metric_is_within_max
         pytest.approx(quantize.val_map(float_ir, tiny_data, IMGSZ, 1), abs=1e-6)
 
 
-def test_attention_is_found_in_the_graph_and_the_decode_nodes_by_prefix():
+def test_attention_is_found_in_the_graph_and_the_float_head_nodes_by_prefix():
     import openvino.opset13 as opset
 
     x = opset.parameter([1, 4, 8], np.float32, name="x")
@@ -146,5 +150,28 @@ def test_attention_is_found_in_the_graph_and_the_decode_nodes_by_prefix():
     softmax = opset.softmax(linear, -1)
     softmax.set_friendly_name("/model.9/Softmax")
     model = ov.Model([softmax], [x])
-    assert has_attention(model) and decode_nodes(model, "/model.9/") == ["/model.9/Softmax"]
+    assert has_attention(model) and float_head_nodes(model, "/model.9/") == ["/model.9/Softmax"]
     assert not has_attention(model, "/model.9/")  # a softmax in the head (anchor-free decoding)
+
+
+def test_an_anchor_free_heads_inner_convs_are_quantised_and_its_output_convs_kept_float():
+    """float_head_nodes walks the graph: a head conv that feeds another head conv (a branch conv of an
+    anchor-free head) is quantised; the output conv and everything after it stay float."""
+    import openvino.opset13 as opset
+
+    def conv(x, name, channels=4):
+        node = opset.convolution(x, opset.constant(np.ones((channels, 4, 1, 1), np.float32)), [1, 1], [0, 0],
+                                 [0, 0], [1, 1])
+        node.set_friendly_name(name)
+        return node
+
+    x = opset.parameter([1, 4, 8, 8], np.float32, name="x")
+    body = conv(x, "/model.8/conv")
+    inner = conv(body, "/model.9/cv2.0/cv2.0.0/conv")
+    act = opset.sigmoid(inner)
+    act.set_friendly_name("/model.9/cv2.0/cv2.0.0/act")
+    output = conv(act, "/model.9/cv2.0/cv2.0.2")
+    decode = opset.softmax(output, 1)
+    decode.set_friendly_name("/model.9/Softmax")
+    names = float_head_nodes(ov.Model([decode], [x]), "/model.9/")
+    assert names == ["/model.9/cv2.0/cv2.0.2", "/model.9/Softmax"]
