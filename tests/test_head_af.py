@@ -395,3 +395,29 @@ def test_val_map_of_an_af_model_equals_pycocotools(tiny_data, tmp_path):
     metrics = int8["onnx_int8"].metrics
     assert int8["onnx_int8"].path.is_file() and metrics["map_float"] > 0.05
     assert metrics["drop"] <= 0.01 and metrics["map_float"] == pytest.approx(results.map, abs=0.02)
+
+
+@SLOW
+def test_nncf_quantises_the_af_branch_convs_and_keeps_the_output_convs_float(tmp_path):
+    """OpenVINO INT8 (NNCF) of a DetectAF model: the branch convs run on int8 inputs (they are most of the
+    head's cost), the three output convs per level (`*_branch.i.2`) and the decoding after them do not."""
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import numpy as np
+
+    from engine.exporter import export_and_verify
+    from engine.quantize_openvino import quantize_openvino_ir
+
+    weights = af_checkpoint(tmp_path)
+    float_ir = export_and_verify(weights, include=("openvino",), imgsz=64)["openvino"].path
+    batches = [np.random.default_rng(i).random((1, 3, 64, 64), dtype=np.float32) for i in range(2)]
+    quantize_openvino_ir(next(float_ir.glob("*.xml")), tmp_path / "q.xml", batches, "/model.24/")
+    ops = ov.Core().read_model(str(tmp_path / "q.xml")).get_ordered_ops()
+    head_convs = {op.get_friendly_name(): any(op.input_value(i).get_node().get_type_name() == "FakeQuantize"
+                                              for i in range(op.get_input_size()))
+                  for op in ops if op.get_type_name() == "Convolution" and
+                  op.get_friendly_name().startswith("/model.24/")}
+    outputs = {name for name in head_convs if ".2/Conv/" in name}
+    assert len(head_convs) == 18 and len(outputs) == 6
+    assert not any(head_convs[name] for name in outputs)
+    assert all(quantised for name, quantised in head_convs.items() if name not in outputs)
