@@ -400,7 +400,7 @@ def test_val_map_of_an_af_model_equals_pycocotools(tiny_data, tmp_path):
 @SLOW
 def test_nncf_quantises_the_af_branch_convs_and_keeps_the_output_convs_float(tmp_path):
     """OpenVINO INT8 (NNCF) of a DetectAF model: the branch convs run on int8 inputs (they are most of the
-    head's cost), the three output convs per level (`*_branch.i.2`) and the decoding after them do not."""
+    head's cost), the output conv of each branch (`*_branch.i.2`, six) and the decoding after them do not."""
     ov = pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     import numpy as np
