@@ -24,7 +24,8 @@ best_openvino_model/ like any other weights (--bf16 runs it in OpenVINO's bf16 p
 post-training quantisation of the float IR (calibrated on the same letterboxed train images, the Detect
 head's output convs and box decoding kept in float, NNCF's full bias correction, its transformer model
 type for backbones with attention), gated against the float IR's val mAP50-95; --openvino-int8 qdq
-instead converts the accepted best_int8.onnx (needs onnx in --include). The exporter prints which one it wrote.
+instead converts the accepted best_int8.onnx (needs onnx in --include). The exporter prints which one
+it wrote.
 --imgsz H W exports a static H x W (e.g. 480 640 for a 640x480 camera); val.py then letterboxes every
 image to exactly H x W, and detect.py feeds it frames letterboxed to that shape.
 """
