@@ -127,8 +127,8 @@ def train_speed_table(cfgs: list[str], variants: list[str], imgsz: int, batch_si
             first = first or r.images_per_s
             ips = f"{r.images_per_s:.2f}" if r.images_per_s else "n/a"
             ratio = f"{r.images_per_s / first:.2f}" if r.images_per_s and first else "n/a"
-            lines.append(f"| {Path(cfg).name} | {_label(variant, device)} | {ips} | {ratio} | {r.warmup_s:.1f} | "
-                         f"{r.note} |")
+            lines.append(f"| {Path(cfg).name} | {_label(variant, device)} | {ips} | {ratio} | "
+                         f"{r.warmup_s:.1f} | {r.note} |")
             LOGGER.info(lines[-1])  # as measured: a long run (compiling) shows what it has so far
     return "\n".join(lines)
 
@@ -140,7 +140,6 @@ def _label(variant: str, device: torch.device) -> str:
 
 def train_speed_report(cfgs: list[str], args) -> int:
     """benchmarks.py --train-speed: log the table row by row and write it to <out>-train-speed.md."""
-
     from utils.torch_utils import select_device
 
     unknown = [v for v in args.variants if v not in VARIANTS]
