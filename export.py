@@ -6,6 +6,7 @@
     python export.py --weights best.pt --include openvino
     python export.py --weights best.pt --include openvino --int8 --data bccd.yaml   # NNCF INT8 IR
     python export.py --weights best.pt --include onnx --imgsz 480 640 --int8 --data bccd.yaml  # 640x480
+    python export.py --weights best.pt --int8 --data bccd.yaml  # every INT8 flavour; names the fastest
 
 Exports the fused/reparameterised model next to the weights (best.torchscript, best.onnx,
 best_openvino_model/), with stride and class names in the file's metadata. Every export is run on a
@@ -26,6 +27,10 @@ head's output convs and box decoding kept in float, NNCF's full bias correction,
 type for backbones with attention), gated against the float IR's val mAP50-95; --openvino-int8 qdq
 instead converts the accepted best_int8.onnx (needs onnx in --include). The exporter prints which one
 it wrote.
+--int8 without --include exports onnx and openvino (when installed) with both INT8 models; a flavour the
+gate refuses is reported and skipped (the export fails only when every flavour is refused), and the
+accepted INT8 files are timed on this machine and the fastest is named with the detect.py command to
+run it (which runtime wins depends on the model and the CPU: docs/deployment.md).
 --imgsz H W exports a static H x W (e.g. 480 640 for a 640x480 camera); val.py then letterboxes every
 image to exactly H x W, and detect.py feeds it frames letterboxed to that shape.
 """
@@ -37,6 +42,7 @@ import logging
 
 from engine.cli import traceback_requested
 from engine.exporter import (
+    DEFAULT_INCLUDE,
     DEFAULT_OPENVINO_INT8,
     DEFAULT_OPSET,
     FORMATS,
@@ -59,8 +65,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", type=str, required=True, help="checkpoint (.pt) to export")
     parser.add_argument("--plugin", nargs="+", default=[], metavar="FILE",
                         help="Python file(s) that register backbones (docs/bring-a-backbone.md)")
-    parser.add_argument("--include", nargs="+", default=["torchscript", "onnx"],
-                        help=f"formats: {', '.join(FORMATS)} (openvino needs the openvino package)")
+    parser.add_argument("--include", nargs="+", default=None,
+                        help=f"formats: {', '.join(FORMATS)} (openvino needs the openvino package); "
+                             f"default {' '.join(DEFAULT_INCLUDE)}, with --int8 every INT8 format installed")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640, 640],
                         help="input size: one value or height width")
     parser.add_argument("--batch-size", type=int, default=1, help="exported batch size")
@@ -111,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     for fmt, runtime in (("onnx_int8", "ONNX Runtime"), ("openvino_int8", "OpenVINO")):
         if fmt in results:
             m = results[fmt].metrics
+            timing = (f"; {m['latency_ms']:.1f} ms here{', the fastest' if m.get('fastest') else ''}"
+                      if "latency_ms" in m else "")
             LOGGER.info(f"INT8 in {runtime} ({m['method']}, ops '{m['ops']}'): val mAP50-95 "
                         f"{m['map_int8']:.4f} (float {m['map_float']:.4f}, drop {m['drop']:+.4f}, "
-                        f"tolerance {opt.int8_tolerance:g})")
+                        f"tolerance {opt.int8_tolerance:g}){timing}")
     LOGGER.info("Export complete: " + ", ".join(str(r.path) for r in results.values()))
     return 0
 

@@ -58,13 +58,19 @@ FORMATS = formats.exportable()  # export.py --include: ('torchscript', 'onnx', '
 DEFAULT_OPSET = 17
 RELATIVE_TOLERANCE = 1e-3
 SAMPLE_SEED = 0
+DEFAULT_INCLUDE = ("torchscript", "onnx")  # export.py without --include (and without --int8)
+PICK_RUNS, PICK_WARMUP = 20, 3  # timing of the accepted INT8 files when there are several
 
 
 @dataclass
 class ExportOptions:
     """What to export and how (export.py's flags).
 
-    include: formats ('torchscript', 'onnx', 'openvino'); imgsz: (height, width) or one side, rounded up
+    include: formats ('torchscript', 'onnx', 'openvino'); None: DEFAULT_INCLUDE, or with `int8` every
+    installed format with an INT8 model ('onnx' and 'openvino'): each INT8 flavour is then tried, one
+    refused by its gate is reported and skipped, and the accepted ones are timed here and the fastest is
+    named (ExportResult.metrics 'latency_ms' and 'fastest'); with explicit formats a refusal fails the
+    export. imgsz: (height, width) or one side, rounded up
     to a multiple of the stride; batch_size: the exported batch (any batch works with `dynamic`);
     opset: ONNX opset (default DEFAULT_OPSET); simplify: onnxslim; half: float16 (CUDA only).
     int8 (needs `data`): also write INT8 models, accepted only if their val mAP50-95 is at most
@@ -75,7 +81,7 @@ class ExportOptions:
     from the train split (default 100); workers: dataloader workers of the gate's validation.
     """
 
-    include: Sequence[str] = ("torchscript", "onnx")
+    include: Sequence[str] | None = None
     imgsz: int | Sequence[int] = (640, 640)
     batch_size: int = 1
     dynamic: bool = False
@@ -258,10 +264,10 @@ def _check_request(weights: Path, opt: ExportOptions, device: torch.device) -> l
         raise ValueError(f"--weights {weights}: export starts from one of our .pt checkpoints")
     if not weights.is_file():
         raise FileNotFoundError(f"weights not found: {weights}")
-    requested = [f.lower() for f in opt.include]
+    requested = [f.lower() for f in opt.include] if opt.include is not None else _default_include(opt)
     unknown = [f for f in requested if f not in FORMATS]
     if unknown or not requested:
-        raise ValueError(f"--include {' '.join(opt.include)}: unknown or no format; "
+        raise ValueError(f"--include {' '.join(opt.include or ())}: unknown or no format; "
                          f"choose from {', '.join(FORMATS)}")
     if opt.half and device.type != "cuda":
         raise ValueError("--half exports float16 models and needs a CUDA --device (e.g. --device 0)")
@@ -275,6 +281,25 @@ def _check_request(weights: Path, opt: ExportOptions, device: torch.device) -> l
     if opt.int8:
         _check_int8_request(opt, requested)
     return requested
+
+
+def _default_include(opt: ExportOptions) -> list[str]:
+    """The formats of a request without --include: DEFAULT_INCLUDE, or with --int8 every INT8 format
+    whose runtime is installed (so that every INT8 flavour can be tried and the fastest named)."""
+    if not opt.int8:
+        return list(DEFAULT_INCLUDE)
+    usable = []
+    for name in formats.int8_formats():
+        try:
+            formats.get(name).check_request(opt, [name])
+        except ValueError as err:
+            LOGGER.info(f"--int8 without --include: no {name} INT8 model ({err})")
+            continue
+        usable.append(name)
+    LOGGER.info(f"--int8 without --include: exporting {' and '.join(usable)} with their INT8 models; a "
+                "flavour refused by the accuracy gate is skipped, and the accepted ones are timed to name "
+                "the fastest on this machine")
+    return usable
 
 
 def _check_dynamic_exportable(model: torch.nn.Module, weights: Path) -> None:
@@ -341,18 +366,65 @@ def export_and_verify(weights: str | Path, options: ExportOptions | None = None,
         calibration = Calibration.load(opt.data, opt.calib, opt.int8_tolerance, opt.workers, shape, stride)
         job = Int8Job(opt, calibration, f"/model.{len(model.model) - 1}/", weights.stem,
                       partial(_int8_output_checks, cases=cases))
-        results.update(_export_int8_all(results, targets, job))
+        results.update(_export_int8_all(results, targets, job, skip_refused=opt.include is None))
+        if sum(key in results for key in _int8_formats(names, True)) > 1:
+            name_fastest_int8(results, max(shape[2:]))
     return results
 
 
-def _export_int8_all(results: dict[str, ExportResult], targets: dict[str, Path],
-                     job: Int8Job) -> dict[str, ExportResult]:
-    """Each requested format's INT8 model, in registry order (its Format.quantize)."""
+def _export_int8_all(results: dict[str, ExportResult], targets: dict[str, Path], job: Int8Job,
+                     skip_refused: bool = False) -> dict[str, ExportResult]:
+    """Each requested format's INT8 model, in registry order (its Format.quantize). skip_refused (--int8
+    without --include): a flavour that fails is logged and skipped; ExportError only when all fail."""
+    refused = []
     for name in formats.int8_formats():
         key = f"{name}_int8"
-        if key in targets:
+        if key not in targets:
+            continue
+        try:
             job.done[key] = formats.get(name).quantize(results[name], targets[key], job)
+        except ExportError as err:
+            if not skip_refused:
+                raise
+            LOGGER.warning(f"{key}: no INT8 model of this flavour ({err}); going on with the others")
+            refused.append(str(err))
+    if refused and not job.done:
+        raise ExportError(f"no INT8 flavour passed: {'; '.join(refused)}")
     return job.done
+
+
+def name_fastest_int8(results: dict[str, ExportResult], imgsz: int) -> str:
+    """Time every accepted INT8 file here (batch 1, PICK_RUNS alternating rounds through the runners
+    detect.py uses), record 'latency_ms' in each one's metrics and 'fastest' in the fastest's; log and
+    return its key. Which INT8 runtime wins depends on the model and the CPU (docs/deployment.md)."""
+    from engine.latency import alternating_latency
+
+    int8 = {key: result for key, result in results.items() if key.endswith("_int8")}
+    rows = alternating_latency({key: r.path for key, r in int8.items()}, imgsz, PICK_RUNS, PICK_WARMUP)
+    for row in rows:
+        int8[row["file"]].metrics["latency_ms"] = row["median_ms"]
+    fastest = min(rows, key=lambda row: row["median_ms"])["file"]
+    int8[fastest].metrics["fastest"] = True
+    timings = ", ".join(f"{Path(r['path']).name} {r['median_ms']:.1f} ms" for r in rows)
+    LOGGER.info(f"INT8 files timed on this machine (batch 1, {rows[0]['input']}, median of {PICK_RUNS} "
+                f"alternating runs): {timings}. Fastest: {int8[fastest].path} -- deploy it with "
+                f"python detect.py --weights {int8[fastest].path}")
+    busy = busy_machine()
+    if busy:
+        LOGGER.warning(f"INT8 timing: {busy}; runtimes suffer unequally from shared cores, so time the files "
+                       f"again on a quiet machine: python benchmarks.py --files "
+                       f"{' '.join(str(r.path) for r in int8.values())}")
+    return fastest
+
+
+def busy_machine() -> str:
+    """'' or why timings taken now are doubtful: more runnable tasks (1-minute load average) than cores
+    (our own inference threads count at most as many as there are cores)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return f"the machine was busy (load {load:.1f} on {cores} cores)" if load > cores else ""
 
 
 def _int8_formats(requested: Sequence[str], int8: bool) -> list[str]:

@@ -164,8 +164,8 @@ def export_openvino_nncf(float_ir: Path, target: Path, job: Int8Job) -> ExportRe
     def writer(restore) -> Callable[[Path], None]:
         def write(tmp: Path) -> None:
             out_xml = tmp / f"{xml.stem}_int8.xml"
-            settings.update(quantize_openvino_ir(xml, out_xml, job.calibration.batches, job.head_prefix, preset,
-                                                 restore=restore))
+            settings.update(quantize_openvino_ir(xml, out_xml, job.calibration.batches, job.head_prefix,
+                                                 preset, restore=restore))
             settings["data"] = job.calibration.data_name
             ov_meta = {**meta, "precision": "int8", "int8": settings}
             (tmp / "metadata.yaml").write_text(yaml.safe_dump(ov_meta, sort_keys=False))
@@ -176,15 +176,17 @@ def export_openvino_nncf(float_ir: Path, target: Path, job: Int8Job) -> ExportRe
     except Int8GateError:
         if job.calibration.tolerance < 0 or map_float <= 0:
             raise  # a tolerance no model meets, or no float mAP for NNCF to measure drops from
-        EXPORT_LOG.info("openvino_int8: the fully quantised IR missed the gate; NNCF accuracy control now returns "
-                        "the layers that cost most accuracy to float until the drop is within --int8-tolerance")
+        EXPORT_LOG.info("openvino_int8: the fully quantised IR missed the gate; NNCF accuracy control now "
+                        "returns the layers that cost most accuracy to float until the drop is within "
+                        "--int8-tolerance")
         restore = _accuracy_restore(float_ir, job)
         try:
             result = _gate_int8_dir(target, writer(restore), job, map_float)
         except Int8GateError as err:
-            raise Int8GateError(f"{err}; NNCF accuracy control returned up to {restore.max_reverted} layer groups to "
-                              f"float without meeting it: try --openvino-int8 qdq with onnx in --include (the "
-                              f"ONNX Runtime INT8 file converted), or --calib with more images") from err
+            raise Int8GateError(f"{err}; NNCF accuracy control returned up to {restore.max_reverted} layer "
+                                f"groups to float without meeting it: try --openvino-int8 qdq with onnx in "
+                                "--include (the ONNX Runtime INT8 file converted), or --calib with more "
+                                "images") from err
     result.metrics.update(ops=f"nncf {preset}", method="nncf", model_type=settings.get("model_type"),
                           accuracy_control="accuracy_control" in settings)
     return result
@@ -202,7 +204,8 @@ def _accuracy_restore(float_ir: Path, job: Int8Job):
     cpu = torch.device("cpu")
 
     def validate(compiled) -> float:
-        backend = InferenceBackend.from_runner(float_ir, OpenVINORunner(float_ir, cpu, compiled=compiled), cpu)
+        runner = OpenVINORunner(float_ir, cpu, compiled=compiled)
+        backend = InferenceBackend.from_runner(float_ir, runner, cpu)
         return job.calibration.val_map(float_ir, backend=backend)
 
     return AccuracyRestore(validate, job.calibration.val_batches(RANKING_IMAGES), job.calibration.tolerance)
@@ -256,6 +259,9 @@ class OpenVINOFormat(Format):
         EXPORT_LOG.info(f"openvino_int8: {OPENVINO_INT8_HOW[method]} (--openvino-int8 {method}"
                     f"{', the default' if method == DEFAULT_OPENVINO_INT8 else ''})")
         if method == "qdq":
+            if "onnx_int8" not in job.done:  # refused by its own gate (--int8 without --include goes on)
+                raise ExportError(f"openvino_int8 export of {target.name} failed: --openvino-int8 qdq "
+                                  "converts the INT8 ONNX file, and none was accepted")
             return export_openvino_qdq(job.done["onnx_int8"], target, job)
         return export_openvino_nncf(float_result.path, target, job)
 
