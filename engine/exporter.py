@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -366,9 +367,10 @@ def export_and_verify(weights: str | Path, options: ExportOptions | None = None,
         calibration = Calibration.load(opt.data, opt.calib, opt.int8_tolerance, opt.workers, shape, stride)
         job = Int8Job(opt, calibration, f"/model.{len(model.model) - 1}/", weights.stem,
                       partial(_int8_output_checks, cases=cases))
-        results.update(_export_int8_all(results, targets, job, skip_refused=opt.include is None))
-        if sum(key in results for key in _int8_formats(names, True)) > 1:
-            name_fastest_int8(results, max(shape[2:]))
+        int8 = _export_int8_all(results, targets, job, skip_refused=opt.include is None)
+        results.update(int8)
+        if len(int8) > 1:
+            name_fastest_int8(int8, max(shape[2:]))
     return results
 
 
@@ -393,13 +395,13 @@ def _export_int8_all(results: dict[str, ExportResult], targets: dict[str, Path],
     return job.done
 
 
-def name_fastest_int8(results: dict[str, ExportResult], imgsz: int) -> str:
-    """Time every accepted INT8 file here (batch 1, PICK_RUNS alternating rounds through the runners
-    detect.py uses), record 'latency_ms' in each one's metrics and 'fastest' in the fastest's; log and
-    return its key. Which INT8 runtime wins depends on the model and the CPU (docs/deployment.md)."""
+def name_fastest_int8(int8: dict[str, ExportResult], imgsz: int) -> str:
+    """Time the accepted INT8 files `int8` ({'<format>_int8': result}) here (batch 1, PICK_RUNS alternating
+    rounds through the runners detect.py uses), record 'latency_ms' in each one's metrics and 'fastest' in
+    the fastest's; log and return its key. Which INT8 runtime wins depends on the model and the CPU
+    (docs/deployment.md)."""
     from engine.latency import alternating_latency
 
-    int8 = {key: result for key, result in results.items() if key.endswith("_int8")}
     rows = alternating_latency({key: r.path for key, r in int8.items()}, imgsz, PICK_RUNS, PICK_WARMUP)
     for row in rows:
         int8[row["file"]].metrics["latency_ms"] = row["median_ms"]
@@ -420,8 +422,6 @@ def name_fastest_int8(results: dict[str, ExportResult], imgsz: int) -> str:
 def busy_machine() -> str:
     """'' or why timings taken now are doubtful: more runnable tasks (1-minute load average) than cores
     (our own inference threads count at most as many as there are cores)."""
-    import os
-
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return f"the machine was busy (load {load:.1f} on {cores} cores)" if load > cores else ""
