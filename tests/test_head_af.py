@@ -81,6 +81,30 @@ def test_an_anchor_in_two_boxes_keeps_the_one_it_overlaps_most_and_padding_is_ig
     torch.testing.assert_close(result.scores[0, 0], torch.tensor([0.0, 1.0, 0.0]))
 
 
+def test_small_boxes_grow_to_min_side_for_the_candidate_test_only():
+    # anchor centres of an 8-px grid, 3 x 3 cells; a 4 x 4 box around (12, 12) holds one centre
+    xs = torch.tensor([4.0, 12.0, 20.0])
+    points = torch.stack(torch.meshgrid(xs, xs, indexing="xy"), -1).reshape(-1, 2)
+    gt_boxes = torch.tensor([[[10.0, 10, 14, 14]]])
+    boxes = gt_boxes.expand(1, 9, 4).clone()  # every anchor predicts the box itself: IoU 1
+    args = (torch.full((1, 9, 1), 0.5), boxes, points, torch.tensor([[0]]), gt_boxes, torch.tensor([[True]]))
+    plain = TaskAlignedAssigner(topk=10)(*args)
+    assert plain.foreground[0].nonzero().flatten().tolist() == [4]  # the centre (12, 12) only
+    grown = TaskAlignedAssigner(topk=10, min_side=24.0)(*args)  # [0, 0, 24, 24]: all nine centres
+    assert grown.foreground.all()
+    assert torch.equal(grown.boxes[0], gt_boxes[0].expand(9, 4))  # targets keep the real box
+    wide = torch.tensor([[[10.0, 10, 40, 14]]])  # only its short side grows: rows y=4..20, x>10
+    wide_args = (args[0], wide.expand(1, 9, 4).clone(), points, args[3], wide, args[5])
+    wide_result = TaskAlignedAssigner(topk=10, min_side=24.0)(*wide_args)
+    assert wide_result.foreground[0].nonzero().flatten().tolist() == [1, 2, 4, 5, 7, 8]
+
+
+def test_af_min_side_is_read_in_strides_of_the_finest_level():
+    model = af_model()
+    model.hyp = {"af_min_side": 3.0}
+    assert build_criterion(model).assigner.min_side == 3.0 * float(model.model[-1].stride.min())
+
+
 def test_assigner_with_no_boxes_assigns_nothing():
     result = TaskAlignedAssigner()(torch.rand(2, 5, 3), torch.rand(2, 5, 4), torch.rand(5, 2),
                                    torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, 4),
@@ -228,7 +252,8 @@ def test_criterion_follows_the_head_and_reads_af_gains():
     model.hyp = {"af_box": 2.0}
     criterion = build_criterion(model)
     assert type(criterion) is AnchorFreeLoss
-    assert criterion.gains == {"af_box": 2.0, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10.0}
+    assert criterion.gains == {"af_box": 2.0, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10.0,
+                               "af_min_side": 0.0}
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.3], [1, 2, 0.3, 0.6, 0.2, 0.2]])
     model.train()
     loss, items = criterion(model(torch.rand(2, 3, 96, 128)), targets)

@@ -104,6 +104,8 @@ HYP_RULES: dict[str, HypRule] = {
     "af_dfl": _gain("DetectAF distribution focal loss gain (default 1.5)", required=False),
     "af_topk": HypRule("DetectAF task-aligned assigner: anchors per box (default 10)", 1, 100, required=False,
                        integer=True),
+    "af_min_side": HypRule("DetectAF assigner: box sides below this many smallest strides are grown to it "
+                           "when picking the anchors inside a box (default 0: off)", 0, 16, required=False),
     "close_mosaic": _gain("last epochs trained without mosaic (0: mosaic to the end)", required=False,
                           integer=True, default=CLOSE_MOSAIC_EPOCHS),
     # ViT backbones (optional; read by the optimiser and the backbone builders when present)

@@ -35,9 +35,11 @@ from utils.boxes import bbox_iou, xywh2xyxy
 from utils.optim import de_parallel
 from utils.tal import TaskAlignedAssigner
 
-# hyp keys of this loss and their defaults (YOLOv8's gains box 7.5, cls 0.5, dfl 1.5; assigner top 10).
-# The gains are used as given: unlike YOLOv5's, they are not rescaled by levels, classes or image size.
-AF_DEFAULTS = {"af_box": 7.5, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10}
+# hyp keys of this loss and their defaults (YOLOv8's gains box 7.5, cls 0.5, dfl 1.5; assigner top 10;
+# af_min_side: box sides below this many smallest-level strides are grown to it when the assigner looks
+# for the anchors inside a box, 0 = off). The gains are used as given: unlike YOLOv5's, they are not
+# rescaled by levels, classes or image size.
+AF_DEFAULTS = {"af_box": 7.5, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10, "af_min_side": 0.0}
 ASSIGNER_ALPHA, ASSIGNER_BETA = 0.5, 6.0  # TOOD's exponents of the class score and the IoU
 
 
@@ -67,7 +69,9 @@ class AnchorFreeLoss:
         self.head = bare.model[-1]
         self.nc, self.reg_max = int(self.head.nc), int(self.head.reg_max)
         self.gains = {k: float(hyp.get(k, v)) for k, v in AF_DEFAULTS.items()}
-        self.assigner = TaskAlignedAssigner(int(self.gains["af_topk"]), ASSIGNER_ALPHA, ASSIGNER_BETA)
+        min_side = self.gains["af_min_side"] * float(self.head.stride.min())  # strides -> pixels
+        self.assigner = TaskAlignedAssigner(int(self.gains["af_topk"]), ASSIGNER_ALPHA, ASSIGNER_BETA,
+                                            min_side=min_side)
 
     def __call__(self, preds: Sequence[torch.Tensor],
                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,12 @@ with the highest t (among those inside it). An anchor taken by several boxes kee
 with its prediction is highest. The class target of an assigned anchor is the one-hot class scaled by
 t(a, g) / max_a' t(a', g) * max_a' IoU(a', g) over the anchors g took: the best-aligned anchor of
 each box is asked for a score equal to the best IoU reached on that box, the others for less.
+
+Small boxes (`min_side`, pixels; 0 = off): a box side shorter than min_side is grown to min_side about
+the box centre for the "centre inside the box" test only (IoUs and regression targets keep the real
+box). A box a few cells wide otherwise has only a handful of candidate anchors, fewer than `topk`,
+and loses some of them to larger overlapping boxes. Ultralytics' STAL does the same for sides below
+the smallest stride (grown to the second stride).
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 class TaskAlignedAssigner:
     """`assigner(scores, boxes, points, gt_labels, gt_boxes, gt_mask)` -> Assignment (no gradients)."""
 
-    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9):
-        self.topk, self.alpha, self.beta, self.eps = topk, alpha, beta, eps
+    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9,
+                 min_side: float = 0.0):
+        self.topk, self.alpha, self.beta, self.eps, self.min_side = topk, alpha, beta, eps, float(min_side)
 
     @torch.no_grad()
     def __call__(self, scores: torch.Tensor, boxes: torch.Tensor, points: torch.Tensor,
@@ -61,13 +68,22 @@ class TaskAlignedAssigner:
         batch, anchors, nc = scores.shape
         if gt_boxes.shape[1] == 0:
             return self._background(scores, boxes)
-        candidate = points_in_boxes(points, gt_boxes) & gt_mask[..., None]  # (B, M, N)
+        inside = points_in_boxes(points, self._candidate_region(gt_boxes))  # (B, M, N)
+        candidate = inside & gt_mask[..., None]
         iou = self._ious(boxes, gt_boxes, candidate)
         class_scores = scores.transpose(1, 2).gather(1, gt_labels[..., None].expand(-1, -1, anchors))
         metric = class_scores.pow(self.alpha) * iou.pow(self.beta) * candidate
         positive = self._top_candidates(metric, candidate)
         positive = self._one_gt_per_anchor(positive, iou)
         return self._targets(positive, metric, iou, gt_labels, gt_boxes, nc)
+
+    def _candidate_region(self, gt_boxes: torch.Tensor) -> torch.Tensor:
+        """The boxes whose insides make the candidate anchors: sides below min_side grown to it."""
+        if self.min_side <= 0:
+            return gt_boxes
+        centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
+        half = (gt_boxes[..., 2:] - gt_boxes[..., :2]).clamp(min=self.min_side) / 2
+        return torch.cat((centre - half, centre + half), -1)
 
     @staticmethod
     def _ious(boxes: torch.Tensor, gt_boxes: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
