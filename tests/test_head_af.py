@@ -3,6 +3,7 @@ downstream (val and pycocotools, detect, TTA, ensembles, hub, exports, the INT8 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -317,6 +318,33 @@ def test_trainer_uses_the_af_loss_and_writes_loadable_checkpoints(trained_af, ti
     assert "anchors" not in ckpt["yaml"] and ckpt["yaml"]["head"][-1][2] == "DetectAF"
     model = load_detection_model(run / "weights" / "last.pt", "cpu", fuse=True)
     assert isinstance(model.model[-1], DetectAF) and model.stride.tolist() == [8, 16, 32]
+
+
+def test_assignment_report_counts_each_class_boxes_candidates_and_positives(trained_af, tiny_data,
+                                                                            tiny_checkpoint):
+    from data.config import check_dataset
+    from data.loaders import create_dataloader
+    from engine.assign_report import assignment_report
+
+    _, run = trained_af
+    weights = str(run / "weights" / "last.pt")
+    plain = assignment_report(weights, str(tiny_data), imgsz=96, batch_size=8, batches=2)
+    hyp = load_detection_model(weights, fuse=False).hyp
+    loader, _ = create_dataloader(check_dataset(str(tiny_data))["train"], 96, 8, 32, hyp=hyp, augment=True,
+                                  workers=0, shuffle=True, seed=0)
+    seen = sum(len(targets) for _, targets, *_ in itertools.islice(loader, 2))  # the same two batches
+    assert sum(entry.boxes for entry in plain.values()) == seen > 0
+    names = load_detection_model(weights, fuse=False).names
+    assert set(plain) <= set(names)
+    for entry in plain.values():  # positives are candidates, at most af_topk (10) of them per box
+        assert entry.positives <= min(entry.candidates, 10 * entry.boxes)
+        assert 0 <= entry.without_positives <= entry.boxes
+    grown = assignment_report(weights, str(tiny_data), imgsz=96, batch_size=8, batches=2,
+                              hyp={"af_min_side": 4.0})  # sides below 32 px grow to 32
+    assert all(grown[name].candidates >= plain[name].candidates for name in plain)
+    assert sum(e.candidates for e in grown.values()) > sum(e.candidates for e in plain.values())
+    with pytest.raises(ValueError, match="for DetectAF models"):
+        assignment_report(str(tiny_checkpoint), str(tiny_data), imgsz=96, batches=1)
 
 
 @SLOW

@@ -20,6 +20,7 @@ The returned loss is (af_box x box + af_dfl x dfl + af_cls x cls) x batch size, 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from utils.anchor_points import (
 )
 from utils.boxes import bbox_iou, xywh2xyxy
 from utils.optim import de_parallel
-from utils.tal import TaskAlignedAssigner
+from utils.tal import Assignment, TaskAlignedAssigner
 
 # hyp keys of this loss and their defaults (YOLOv8's gains box 7.5, cls 0.5, dfl 1.5; assigner top 10;
 # af_min_side: box sides below this many smallest-level strides are grown to it when the assigner looks
@@ -56,6 +57,26 @@ def distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch
             + F.cross_entropy(logits, right, reduction="none") * (1 - weight_left))
 
 
+@dataclass
+class AssignedBatch:
+    """One batch as the loss sees it (B images, N anchors, M the most boxes of an image).
+
+    box_logits (B, N, 4 * reg_max), cls_logits (B, N, nc); pred_boxes (B, N, 4) and points (N, 2) in cells
+    of each anchor's level, strides (N, 1); gt_labels (B, M), gt_boxes (B, M, 4) [x1, y1, x2, y2] pixels,
+    gt_mask (B, M) (False for padding); assigned: the task-aligned assignment.
+    """
+
+    box_logits: torch.Tensor
+    cls_logits: torch.Tensor
+    pred_boxes: torch.Tensor
+    points: torch.Tensor
+    strides: torch.Tensor
+    gt_labels: torch.Tensor
+    gt_boxes: torch.Tensor
+    gt_mask: torch.Tensor
+    assigned: Assignment
+
+
 class AnchorFreeLoss:
     """Loss of a model whose last layer is DetectAF; gains from `model.hyp` (af_box, af_cls, af_dfl,
     af_topk), AF_DEFAULTS for the keys it does not have."""
@@ -76,27 +97,34 @@ class AnchorFreeLoss:
     def __call__(self, preds: Sequence[torch.Tensor],
                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (total loss * batch size, shape (1,); detached [box, dfl, cls] losses, shape (3,))."""
+        step = self.assign(preds, targets)
+        assigned, batch = step.assigned, step.gt_mask.shape[0]
+        score_sum = assigned.scores.sum().clamp(min=1.0)
+        cls_loss = F.binary_cross_entropy_with_logits(step.cls_logits, assigned.scores, reduction="sum")
+        cls_loss = cls_loss / score_sum
+        box_loss, dfl_loss = self._box_losses(step.box_logits, step.pred_boxes, step.points, step.strides,
+                                              assigned, score_sum)
+        box_loss = box_loss * self.gains["af_box"]
+        dfl_loss = dfl_loss * self.gains["af_dfl"]
+        cls_loss = cls_loss * self.gains["af_cls"]
+        total = (box_loss + dfl_loss + cls_loss).view(1) * batch
+        return total, torch.stack((box_loss, dfl_loss, cls_loss)).detach()
+
+    def assign(self, preds: Sequence[torch.Tensor], targets: torch.Tensor) -> AssignedBatch:
+        """A batch's predictions split and decoded, its targets padded per image, and their assignment."""
         self._check_inputs(preds, targets)
         preds = [p.float() for p in preds]  # autocast may hand float16/bf16 maps: the loss runs in float32
-        batch = preds[0].shape[0]
         points, strides = make_anchor_points(preds, self.head.stride.to(preds[0].device))
         rows = torch.cat([p.flatten(2) for p in preds], 2).transpose(1, 2)  # (B, N, 4 * reg_max + nc)
         box_logits, cls_logits = rows.split((4 * self.reg_max, self.nc), -1)
         pred_boxes = distances_to_boxes(distribution_expectation(box_logits, self.reg_max), points)  # cells
         height, width = preds[0].shape[2] * strides[0, 0], preds[0].shape[3] * strides[0, 0]
         targets = targets.to(rows.device).float()
-        gt_labels, gt_boxes, gt_mask = self._ground_truth(targets, batch, height, width)
+        gt_labels, gt_boxes, gt_mask = self._ground_truth(targets, preds[0].shape[0], height, width)
         assigned = self.assigner(cls_logits.detach().sigmoid(), pred_boxes.detach() * strides,
                                  points * strides, gt_labels, gt_boxes, gt_mask)
-        score_sum = assigned.scores.sum().clamp(min=1.0)
-        cls_loss = F.binary_cross_entropy_with_logits(cls_logits, assigned.scores, reduction="sum")
-        cls_loss = cls_loss / score_sum
-        box_loss, dfl_loss = self._box_losses(box_logits, pred_boxes, points, strides, assigned, score_sum)
-        box_loss = box_loss * self.gains["af_box"]
-        dfl_loss = dfl_loss * self.gains["af_dfl"]
-        cls_loss = cls_loss * self.gains["af_cls"]
-        total = (box_loss + dfl_loss + cls_loss).view(1) * batch
-        return total, torch.stack((box_loss, dfl_loss, cls_loss)).detach()
+        return AssignedBatch(box_logits, cls_logits, pred_boxes, points, strides, gt_labels, gt_boxes,
+                             gt_mask, assigned)
 
     def _box_losses(self, box_logits, pred_boxes, points, strides, assigned, score_sum):
         """(CIoU loss, DFL) of the assigned anchors, each weighted by the anchor's target score, / S."""

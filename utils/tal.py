@@ -68,14 +68,17 @@ class TaskAlignedAssigner:
         batch, anchors, nc = scores.shape
         if gt_boxes.shape[1] == 0:
             return self._background(scores, boxes)
-        inside = points_in_boxes(points, self._candidate_region(gt_boxes))  # (B, M, N)
-        candidate = inside & gt_mask[..., None]
+        candidate = self.candidates(points, gt_boxes, gt_mask)
         iou = self._ious(boxes, gt_boxes, candidate)
         class_scores = scores.transpose(1, 2).gather(1, gt_labels[..., None].expand(-1, -1, anchors))
         metric = class_scores.pow(self.alpha) * iou.pow(self.beta) * candidate
         positive = self._top_candidates(metric, candidate)
         positive = self._one_gt_per_anchor(positive, iou)
         return self._targets(positive, metric, iou, gt_labels, gt_boxes, nc)
+
+    def candidates(self, points: torch.Tensor, gt_boxes: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
+        """(B, M, N) bool: anchor centres inside each real gt box (its short sides grown to min_side)."""
+        return points_in_boxes(points, self._candidate_region(gt_boxes)) & gt_mask[..., None]
 
     def _candidate_region(self, gt_boxes: torch.Tensor) -> torch.Tensor:
         """The boxes whose insides make the candidate anchors: sides below min_side grown to it."""
