@@ -61,6 +61,7 @@ RELATIVE_TOLERANCE = 1e-3
 SAMPLE_SEED = 0
 DEFAULT_INCLUDE = ("torchscript", "onnx")  # export.py without --include (and without --int8)
 PICK_RUNS, PICK_WARMUP = 20, 3  # timing of the accepted INT8 files when there are several
+FLOAT_REFERENCE = "float32"  # the float ONNX file's label in the INT8 pick's timing rounds
 
 
 @dataclass
@@ -70,8 +71,8 @@ class ExportOptions:
     include: formats ('torchscript', 'onnx', 'openvino'); None: DEFAULT_INCLUDE, or with `int8` every
     installed format with an INT8 model ('onnx' and 'openvino'): each INT8 flavour is then tried, one
     refused by its gate is reported and skipped, and the accepted ones are timed here and the fastest is
-    named (ExportResult.metrics 'latency_ms' and 'fastest'); with explicit formats a refusal fails the
-    export. imgsz: (height, width) or one side, rounded up
+    named (ExportResult.metrics 'latency_ms' and 'fastest'; the float ONNX file is timed beside them and a
+    warning says when it beats them all); with explicit formats a refusal fails the export. imgsz: (height, width) or one side, rounded up
     to a multiple of the stride; batch_size: the exported batch (any batch works with `dynamic`);
     opset: ONNX opset (default DEFAULT_OPSET); simplify: onnxslim; half: float16 (CUDA only).
     int8 (needs `data`): also write INT8 models, accepted only if their val mAP50-95 is at most
@@ -370,7 +371,7 @@ def export_and_verify(weights: str | Path, options: ExportOptions | None = None,
         int8 = _export_int8_all(results, targets, job, skip_refused=opt.include is None)
         results.update(int8)
         if len(int8) > 1:
-            name_fastest_int8(int8, max(shape[2:]))
+            name_fastest_int8(int8, max(shape[2:]), results.get("onnx"))
     return results
 
 
@@ -395,22 +396,35 @@ def _export_int8_all(results: dict[str, ExportResult], targets: dict[str, Path],
     return job.done
 
 
-def name_fastest_int8(int8: dict[str, ExportResult], imgsz: int) -> str:
+def name_fastest_int8(int8: dict[str, ExportResult], imgsz: int,
+                      float_file: ExportResult | None = None) -> str:
     """Time the accepted INT8 files `int8` ({'<format>_int8': result}) here (batch 1, PICK_RUNS alternating
     rounds through the runners detect.py uses), record 'latency_ms' in each one's metrics and 'fastest' in
     the fastest's; log and return its key. Which INT8 runtime wins depends on the model and the CPU
-    (docs/deployment.md)."""
+    (docs/deployment.md). `float_file` (the float32 ONNX export) is timed in the same rounds as a
+    reference: without VNNI some models run slower in INT8 than in float32, and the log says so."""
     from engine.latency import alternating_latency
 
-    rows = alternating_latency({key: r.path for key, r in int8.items()}, imgsz, PICK_RUNS, PICK_WARMUP)
-    for row in rows:
-        int8[row["file"]].metrics["latency_ms"] = row["median_ms"]
-    fastest = min(rows, key=lambda row: row["median_ms"])["file"]
+    files = {key: r.path for key, r in int8.items()}
+    if float_file is not None:
+        files[FLOAT_REFERENCE] = float_file.path
+    rows = alternating_latency(files, imgsz, PICK_RUNS, PICK_WARMUP)
+    latency = {row["file"]: row["median_ms"] for row in rows}
+    for key, result in int8.items():
+        result.metrics["latency_ms"] = latency[key]
+    fastest = min(int8, key=latency.__getitem__)
     int8[fastest].metrics["fastest"] = True
-    timings = ", ".join(f"{Path(r['path']).name} {r['median_ms']:.1f} ms" for r in rows)
+    timings = ", ".join(f"{Path(r['path']).name} {r['median_ms']:.1f} ms" for r in rows if r["file"] in int8)
     LOGGER.info(f"INT8 files timed on this machine (batch 1, {rows[0]['input']}, median of {PICK_RUNS} "
                 f"alternating runs): {timings}. Fastest: {int8[fastest].path} -- deploy it with "
                 f"python detect.py --weights {int8[fastest].path}")
+    if float_file is not None:
+        float_file.metrics["latency_ms"] = float_ms = latency[FLOAT_REFERENCE]
+        if float_ms < latency[fastest]:
+            LOGGER.warning(f"INT8 does not pay off for this model on this CPU: the float32 {float_file.path} "
+                           f"ran {float_ms:.1f} ms in the same rounds, faster than every INT8 file (CPUs "
+                           f"without VNNI gain little from INT8); deploy it with python detect.py --weights "
+                           f"{float_file.path}")
     busy = busy_machine()
     if busy:
         LOGGER.warning(f"INT8 timing: {busy}; runtimes suffer unequally from shared cores, so time the files "

@@ -40,6 +40,36 @@ def test_int8_alone_writes_both_flavours_times_them_and_names_the_fastest(tmp_pa
     onnx_ms, openvino_ms = latency["onnx_int8"], latency["openvino_int8"]
     timings = f"w_int8.onnx {onnx_ms:.1f} ms, w_int8_openvino_model {openvino_ms:.1f} ms"
     assert timings in message
+    float_ms = results["onnx"].metrics["latency_ms"]  # the float file, timed in the same rounds
+    assert float_ms > 0
+    assert ("INT8 does not pay off" in message) == (float_ms < min(latency.values()))
+
+
+def test_the_pick_says_when_the_float_file_beats_every_int8_file(tmp_path, monkeypatch, caplog):
+    from engine import latency
+    from engine.exporter import FLOAT_REFERENCE, ExportResult, name_fastest_int8
+
+    medians = {"onnx_int8": 72.8, "openvino_int8": 76.6, FLOAT_REFERENCE: 56.3}  # FastViT's, AVX2 machine
+
+    def fake_latency(files, imgsz, runs, warmup):
+        return [{"file": k, "path": str(p), "input": f"{imgsz}x{imgsz}", "median_ms": medians[k]}
+                for k, p in files.items()]
+
+    monkeypatch.setattr(latency, "alternating_latency", fake_latency)
+    int8 = {key: ExportResult(tmp_path / f"{key}.file") for key in ("onnx_int8", "openvino_int8")}
+    float_file = ExportResult(tmp_path / "best.onnx")
+    with caplog.at_level(logging.INFO, logger="vitdet"):
+        assert name_fastest_int8(int8, 320, float_file) == "onnx_int8"
+    assert float_file.metrics["latency_ms"] == 56.3 and int8["onnx_int8"].metrics["fastest"]
+    message = _messages(caplog)
+    best = tmp_path / "best.onnx"
+    assert f"the float32 {best} ran 56.3 ms in the same rounds, faster than every INT8" in message
+    assert f"deploy it with python detect.py --weights {tmp_path / 'best.onnx'}" in message
+    medians[FLOAT_REFERENCE] = 90.0  # slower than INT8: no warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vitdet"):
+        name_fastest_int8(int8, 320, ExportResult(tmp_path / "best.onnx"))
+    assert "does not pay off" not in _messages(caplog)
 
 
 def _refuse_openvino_int8(monkeypatch):
