@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from engine.precision import cpu_bf16_support
-from engine.trainer import Trainer, TrainOptions
+from engine.trainer import Trainer, TrainOptions, to_channels_last
 from utils.general import resolve_config, yaml_load
 from utils.optim import ModelEMA, lr_lambda
 
@@ -58,7 +58,7 @@ def _step_trainer(cfg: str, imgsz: int, batch_size: int, device: torch.device, o
     trainer.nc, trainer.names = NC, [f"class{i}" for i in range(NC)]
     trainer.model = trainer.build_model(None).to(device)
     if options.channels_last:
-        trainer.model.to(memory_format=torch.channels_last)
+        to_channels_last(trainer.model, device)
     trainer.optimizer = trainer.build_optimizer()
     trainer.lr_lambda = lr_lambda(options.epochs, hyp["lrf"], options.cos_lr)
     trainer.scheduler = trainer.build_scheduler()
@@ -96,7 +96,12 @@ def measure_variant(cfg: str, variant: str, imgsz: int, batch_size: int, steps: 
         return SpeedResult(variant, None, note="skipped: CUDA always trains with float16 AMP (the first row)")
     if overrides.get("amp") and not cpu_bf16_support().native:
         return SpeedResult(variant, None, note=f"skipped: no native bf16 ({cpu_bf16_support().detected})")
-    trainer = _step_trainer(cfg, imgsz, batch_size, device, overrides)
+    try:
+        trainer = _step_trainer(cfg, imgsz, batch_size, device, overrides)
+    except ValueError as err:
+        if not overrides.get("channels_last"):
+            raise
+        return SpeedResult(variant, None, note=f"refused: {err}")
     trainer.batch = synthetic_batch(batch_size, imgsz, device)
     started = time.perf_counter()
     for i in range(warmup):

@@ -70,7 +70,7 @@ from utils.optim import (
     warmup_iterations,
     warmup_step,
 )
-from utils.torch_utils import init_seeds
+from utils.torch_utils import init_seeds, strided_pointwise_convs
 
 LOGGER = logging.getLogger(f"vitdet.{__name__}")
 NOMINAL_BATCH = 64  # YOLOv5's nbs: gradients are accumulated up to this many images per step
@@ -230,7 +230,7 @@ class Trainer:
         resume = load_checkpoint(o.resume_path) if o.resume_path else None
         self.model = self.build_model(resume).to(self.device)
         if o.channels_last:  # the images follow in _train_step; EMA and checkpoints keep the format
-            self.model.to(memory_format=torch.channels_last)
+            to_channels_last(self.model, self.device)
         self.grid_size = max(int(self.model.stride.max()), 32)
         if o.imgsz % self.grid_size:
             raise ValueError(f"--imgsz {o.imgsz} must be a multiple of the max stride {self.grid_size}")
@@ -664,6 +664,20 @@ class Trainer:
         options = ValOptions(half=self.val_half, single_cls=self.options.single_cls, save_dir=self.save_dir,
                              plots=not self.options.noplots, verbose=True)
         self.final_results = Validator(self.val_loader, self.names, options)(model)
+
+
+def to_channels_last(model: torch.nn.Module, device: torch.device) -> None:
+    """--channels-last: the model's weights in NHWC memory format. Refused on the CPU for a model with a
+    strided 1x1 convolution: its channels-last backward in torch's CPU kernels corrupts the heap ('double
+    free or corruption', then a crash; FastViT's MobileOne stride-2 blocks, ResNet-style shortcuts)."""
+    strided = strided_pointwise_convs(model) if device.type == "cpu" else []
+    if strided:
+        more = f" and {len(strided) - 1} more" if len(strided) > 1 else ""
+        raise ValueError(f"--channels-last on the CPU: layer {strided[0]}{more} is a 1x1 convolution with a "
+                         f"stride, whose channels-last backward crashes torch {torch.__version__}'s CPU "
+                         "kernels; train without --channels-last (it gains 1.0-1.13x on CPUs: "
+                         "docs/training-engine.md)")
+    model.to(memory_format=torch.channels_last)
 
 
 def save_run_config(save_dir: Path, options: TrainOptions) -> None:

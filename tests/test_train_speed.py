@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,30 @@ def test_channels_last_step_trains_in_nhwc(monkeypatch):
     conv = trainer.model.model[0].conv.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert trainer.ema.updates >= 0 and torch.isfinite(trainer.loss_items).all()
+
+
+def test_channels_last_is_refused_for_strided_pointwise_convs_on_the_cpu(tmp_path):
+    from engine.trainer import to_channels_last
+    from utils.torch_utils import strided_pointwise_convs
+
+    # torch's CPU channels-last backward of a strided 1x1 conv corrupts the heap (FastViT's stem crashed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 1, 2),
+                                torch.nn.Conv2d(8, 8, 1, 1), torch.nn.Conv2d(8, 8, 1, (1, 2)))
+    assert strided_pointwise_convs(model) == ["1", "3"]
+    with pytest.raises(ValueError, match=r"layer 1 and 1 more is a 1x1 convolution with a stride"):
+        to_channels_last(model, torch.device("cpu"))
+    assert model[1].weight.is_contiguous()  # left as it was
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 1, 1))
+    to_channels_last(plain, torch.device("cpu"))
+    assert plain[1].weight.is_contiguous(memory_format=torch.channels_last)
+    yaml_text = (Path(__file__).parents[1] / "configs/models/yolov5n.yaml").read_text()
+    strided = tmp_path / "strided.yaml"
+    strided.write_text(yaml_text.replace("[-1, 1, Conv, [128, 3, 2]]", "[-1, 1, Conv, [128, 1, 2]]", 1))
+    assert strided.read_text() != yaml_text
+    result = measure_variant(str(strided), "channels-last", imgsz=64, batch_size=2, steps=1,
+                             device=torch.device("cpu"), warmup=1)
+    assert result.images_per_s is None
+    assert result.note.startswith("refused: --channels-last on the CPU: layer")
 
 
 def test_a_failing_compile_falls_back_to_eager_with_a_message(monkeypatch, caplog):

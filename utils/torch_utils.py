@@ -136,6 +136,13 @@ def model_info(model: nn.Module, imgsz: int | tuple[int, int] = 640, verbose: bo
     return {"layers": layers, "parameters": n_p, "gradients": n_g, "gflops": gflops}
 
 
+def strided_pointwise_convs(model: nn.Module) -> list[str]:
+    """Names of the model's 1x1 convolutions with a stride above 1 (torch's CPU channels-last backward of
+    these corrupts memory in the torch builds measured here; the trainer refuses --channels-last for them)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1]
+
+
 def time_sync(device: torch.device | None = None) -> float:
     """perf_counter after waiting for queued CUDA work (accurate GPU timings)."""
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
