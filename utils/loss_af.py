@@ -78,8 +78,8 @@ class AssignedBatch:
 
 
 class AnchorFreeLoss:
-    """Loss of a model whose last layer is DetectAF; gains from `model.hyp` (af_box, af_cls, af_dfl,
-    af_topk), AF_DEFAULTS for the keys it does not have."""
+    """Loss of a model whose last layer is DetectAF; gains and assigner settings from `model.hyp` (af_box,
+    af_cls, af_dfl, af_topk, af_min_side), AF_DEFAULTS for the keys it does not have."""
 
     loss_names = ("box", "dfl", "cls")
 
