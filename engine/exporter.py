@@ -72,8 +72,9 @@ class ExportOptions:
     installed format with an INT8 model ('onnx' and 'openvino'): each INT8 flavour is then tried, one
     refused by its gate is reported and skipped, and the accepted ones are timed here and the fastest is
     named (ExportResult.metrics 'latency_ms' and 'fastest'; the float ONNX file is timed beside them and a
-    warning says when it beats them all); with explicit formats a refusal fails the export. imgsz: (height, width) or one side, rounded up
-    to a multiple of the stride; batch_size: the exported batch (any batch works with `dynamic`);
+    warning says when it beats them all); with explicit formats a refusal fails the export.
+    imgsz: (height, width) or one side, rounded up to a multiple of the stride; batch_size: the exported
+    batch (any batch works with `dynamic`);
     opset: ONNX opset (default DEFAULT_OPSET); simplify: onnxslim; half: float16 (CUDA only).
     int8 (needs `data`): also write INT8 models, accepted only if their val mAP50-95 is at most
     `int8_tolerance` (default 0.01) below their float model's: `<stem>_int8.onnx` (ONNX Runtime QDQ,
