@@ -16,7 +16,7 @@ from models.yolo import Detect, DetectionModel
 from tests.test_export import calibrate_batchnorm
 from utils.boxes import bbox_iou
 from utils.loss import ComputeLoss
-from utils.loss_af import AnchorFreeLoss, build_criterion, distribution_focal_loss
+from utils.loss_af import AnchorFreeLoss, build_criterion, class_loss, distribution_focal_loss
 from utils.tal import TaskAlignedAssigner
 
 NAMES = ["a", "b", "c"]
@@ -100,6 +100,51 @@ def test_small_boxes_grow_to_min_side_for_the_candidate_test_only():
     assert wide_result.foreground[0].nonzero().flatten().tolist() == [1, 2, 4, 5, 7, 8]
 
 
+def _assign_by_loops(scores, boxes, points, gt_labels, gt_boxes, gt_mask, topk, alpha=0.5, beta=6.0):
+    """The assignment rules written out box by box: {(image, anchor): (box slot, class, target score)}."""
+    taken = {}  # (b, n) -> [(iou, m, metric)]
+    for b, m in gt_mask.nonzero().tolist():
+        x1, y1, x2, y2 = gt_boxes[b, m].tolist()
+        ranked = []
+        for n, (x, y) in enumerate(points.tolist()):
+            if min(x - x1, y - y1, x2 - x, y2 - y) > 1e-9:
+                iou = max(bbox_iou(boxes[b, n], gt_boxes[b, m], xywh=False, CIoU=True).item(), 0.0)
+                ranked.append((-(scores[b, n, gt_labels[b, m]].item() ** alpha * iou ** beta), n, iou))
+        for neg_metric, n, iou in sorted(ranked)[:topk]:
+            taken.setdefault((b, n), []).append((iou, m, -neg_metric))
+    kept = {key: max(options, key=lambda o: (o[0], -o[1])) for key, options in taken.items()}
+    best = {}  # (b, m) -> (best metric, best iou) over the anchors the box kept
+    for (b, _), (iou, m, metric) in kept.items():
+        old = best.get((b, m), (0.0, 0.0))
+        best[b, m] = (max(old[0], metric), max(old[1], iou))
+    return {(b, n): (m, int(gt_labels[b, m]), metric * best[b, m][1] / (best[b, m][0] + 1e-9))
+            for (b, n), (iou, m, metric) in kept.items()}
+
+
+def test_assigner_matches_the_rules_written_as_loops_on_random_batches():
+    g = torch.Generator().manual_seed(0)
+    xs = torch.arange(8.0) * 8 + 4
+    points = torch.stack(torch.meshgrid(xs, xs, indexing="xy"), -1).reshape(-1, 2)
+    for trial in range(25):
+        boxes_per_image, nc, topk = trial % 5, 3, 1 + trial % 12
+        centres, sides = torch.rand(2, 64, 2, generator=g) * 64, torch.rand(2, 64, 2, generator=g) * 20 + 2
+        boxes = torch.cat((centres - sides / 2, centres + sides / 2), -1)
+        gt_centres = torch.rand(2, boxes_per_image, 2, generator=g) * 64
+        gt_sides = torch.rand(2, boxes_per_image, 2, generator=g) * 30 + 4
+        gt_boxes = torch.cat((gt_centres - gt_sides / 2, gt_centres + gt_sides / 2), -1)
+        gt_labels = torch.randint(0, nc, (2, boxes_per_image), generator=g)
+        gt_mask = torch.rand(2, boxes_per_image, generator=g) < 0.8
+        scores = torch.rand(2, 64, nc, generator=g)
+        result = TaskAlignedAssigner(topk=topk)(scores, boxes, points, gt_labels, gt_boxes, gt_mask)
+        expected = _assign_by_loops(scores, boxes, points, gt_labels, gt_boxes, gt_mask, topk)
+        assert sorted(map(tuple, result.foreground.nonzero().tolist())) == sorted(expected)
+        for (b, n), (m, cls, score) in expected.items():
+            assert (result.gt_index[b, n].item(), result.labels[b, n].item()) == (m, cls)
+            assert torch.equal(result.boxes[b, n], gt_boxes[b, m])
+            assert result.scores[b, n, cls].item() == pytest.approx(score, rel=1e-4, abs=1e-7)
+        assert result.scores[~result.foreground].abs().sum() == 0
+
+
 def test_af_min_side_is_read_in_strides_of_the_finest_level():
     model = af_model()
     model.hyp = {"af_min_side": 3.0}
@@ -123,6 +168,32 @@ def test_distribution_focal_loss_by_hand():
     best = torch.tensor([[1e-6, 0.75, 0.25, 1e-6]]).log()
     assert distribution_focal_loss(best, torch.tensor([1.25])) < loss
     assert (best.softmax(-1) * torch.arange(4.0)).sum().item() == pytest.approx(1.25, abs=1e-4)
+
+
+def test_quality_focal_class_loss_by_hand():
+    logits = torch.tensor([[0.0, -2.0], [1.0, 3.0]])
+    targets = torch.tensor([[0.6, 0.0], [0.0, 0.9]])
+    p = logits.sigmoid()
+    bce = -(targets * p.log() + (1 - targets) * (1 - p).log())
+    assert class_loss(logits, targets).item() == pytest.approx(bce.sum().item(), rel=1e-6)  # beta 0: BCE
+    # beta 2: each element times |target - p|^2; 0.5 vs 0.6 and 0.95 vs 0.9 shrink to almost nothing
+    assert class_loss(logits, targets, 2.0).item() == pytest.approx((bce * (targets - p) ** 2).sum().item(),
+                                                                   rel=1e-6)
+    # a confident, correct negative counts far less than under BCE, a badly scored positive nearly as much
+    easy_negative, bad_positive = torch.tensor([-4.0]), torch.tensor([-4.0])
+    zero, one = torch.zeros(1), torch.ones(1)
+    ratio_negative = class_loss(easy_negative, zero, 2.0) / class_loss(easy_negative, zero)
+    ratio_positive = class_loss(bad_positive, one, 2.0) / class_loss(bad_positive, one)
+    assert ratio_negative.item() < 1e-3 and ratio_positive.item() > 0.95
+    model = af_model().train()
+    model.hyp = {}
+    bce_criterion = build_criterion(model)
+    model.hyp = {"af_qfl": 2.0}
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.3]])
+    preds = model(torch.rand(1, 3, 64, 64))
+    bce_cls = bce_criterion(preds, targets)[1][2]
+    qfl_cls = build_criterion(model)(preds, targets)[1][2]
+    assert 0 < qfl_cls < bce_cls  # the untrained model's near-zero scores on background barely count
 
 
 def test_ciou_of_known_pairs():
@@ -254,7 +325,7 @@ def test_criterion_follows_the_head_and_reads_af_gains():
     criterion = build_criterion(model)
     assert type(criterion) is AnchorFreeLoss
     assert criterion.gains == {"af_box": 2.0, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10.0,
-                               "af_min_side": 0.0}
+                               "af_min_side": 0.0, "af_qfl": 0.0}
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.3], [1, 2, 0.3, 0.6, 0.2, 0.2]])
     model.train()
     loss, items = criterion(model(torch.rand(2, 3, 96, 128)), targets)

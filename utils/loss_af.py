@@ -8,7 +8,9 @@ Conventions (as ComputeLoss):
   preds    list of nl raw maps (B, 4 * reg_max + nc, ny, nx): box-side distribution logits, class logits
 Targets are assigned by task alignment (utils/tal.py) on the detached predictions. With S the sum of
 all target scores (at least 1):
-  cls  BCE of the class logits against the soft targets, summed over anchors and classes, / S
+  cls  BCE of the class logits against the soft targets, summed over anchors and classes, / S; with
+       af_qfl = beta > 0 each term is scaled by |target - sigmoid(logit)| ** beta (quality focal loss,
+       Li et al. 2020, arXiv:2006.04388, beta 2 there): easy negatives and well-scored positives count less
   box  sum over assigned anchors of (1 - CIoU) x the anchor's target score, / S
   dfl  the same weighting of the distribution focal loss (arXiv:2006.04388) of the four sides: each
        target distance d (cells, clamped below reg_max - 1) is the mixture of its two neighbouring integer
@@ -39,9 +41,19 @@ from utils.tal import Assignment, TaskAlignedAssigner
 # hyp keys of this loss and their defaults (YOLOv8's gains box 7.5, cls 0.5, dfl 1.5; assigner top 10;
 # af_min_side: box sides below this many smallest-level strides are grown to it when the assigner looks
 # for the anchors inside a box, 0 = off). The gains are used as given: unlike YOLOv5's, they are not
-# rescaled by levels, classes or image size.
-AF_DEFAULTS = {"af_box": 7.5, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10, "af_min_side": 0.0}
+# rescaled by levels, classes or image size. af_qfl: the quality-focal exponent of the class loss, 0 = BCE
+# (YOLOv8's).
+AF_DEFAULTS = {"af_box": 7.5, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10, "af_min_side": 0.0, "af_qfl": 0.0}
 ASSIGNER_ALPHA, ASSIGNER_BETA = 0.5, 6.0  # TOOD's exponents of the class score and the IoU
+
+
+def class_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
+    """Summed BCE of class logits against soft targets in [0, 1]; beta > 0 makes it the quality focal loss,
+    each element scaled by |target - sigmoid(logit)| ** beta (the factor is not detached, as in GFL)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if beta > 0:
+        bce = bce * (targets - logits.sigmoid()).abs().pow(beta)
+    return bce.sum()
 
 
 def distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -79,7 +91,7 @@ class AssignedBatch:
 
 class AnchorFreeLoss:
     """Loss of a model whose last layer is DetectAF; gains and assigner settings from `model.hyp` (af_box,
-    af_cls, af_dfl, af_topk, af_min_side), AF_DEFAULTS for the keys it does not have."""
+    af_cls, af_dfl, af_topk, af_min_side, af_qfl), AF_DEFAULTS for the keys it does not have."""
 
     loss_names = ("box", "dfl", "cls")
 
@@ -100,8 +112,7 @@ class AnchorFreeLoss:
         step = self.assign(preds, targets)
         assigned, batch = step.assigned, step.gt_mask.shape[0]
         score_sum = assigned.scores.sum().clamp(min=1.0)
-        cls_loss = F.binary_cross_entropy_with_logits(step.cls_logits, assigned.scores, reduction="sum")
-        cls_loss = cls_loss / score_sum
+        cls_loss = class_loss(step.cls_logits, assigned.scores, self.gains["af_qfl"]) / score_sum
         box_loss, dfl_loss = self._box_losses(step.box_logits, step.pred_boxes, step.points, step.strides,
                                               assigned, score_sum)
         box_loss = box_loss * self.gains["af_box"]

@@ -5,10 +5,11 @@ For every ground-truth box g and anchor point a whose centre lies inside g, the 
     t(a, g) = s(a, class of g) ** alpha * IoU(box predicted at a, g) ** beta     (alpha 0.5, beta 6.0)
 
 with s the predicted class probability and IoU the CIoU clamped at 0. Each g takes the `topk` anchors
-with the highest t (among those inside it). An anchor taken by several boxes keeps the one whose IoU
-with its prediction is highest. The class target of an assigned anchor is the one-hot class scaled by
-t(a, g) / max_a' t(a', g) * max_a' IoU(a', g) over the anchors g took: the best-aligned anchor of
-each box is asked for a score equal to the best IoU reached on that box, the others for less.
+with the highest t (among those inside it; ties go to the lower anchor index). An anchor taken by
+several boxes keeps the one whose IoU with its prediction is highest. The class target of an assigned
+anchor is the one-hot class scaled by t(a, g) / max_a' t(a', g) * max_a' IoU(a', g) over the anchors g
+took: the best-aligned anchor of each box is asked for a score equal to the best IoU reached on that box,
+the others for less.
 
 Small boxes (`min_side`, pixels; 0 = off): a box side shorter than min_side is grown to min_side about
 the box centre for the "centre inside the box" test only (IoUs and regression targets keep the real
@@ -22,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from utils.boxes import bbox_iou
 
@@ -46,14 +46,33 @@ class Assignment:
 
 
 def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """(N, 2) points, (B, M, 4) boxes [x1, y1, x2, y2] -> (B, M, N) bool: point strictly inside box."""
-    left_top = points[None, None] - boxes[..., None, :2]
-    right_bottom = boxes[..., None, 2:] - points[None, None]
-    return torch.cat((left_top, right_bottom), -1).amin(-1) > INSIDE_EPS
+    """(N, 2) points, (..., 4) boxes [x1, y1, x2, y2] -> (..., N) bool: point strictly inside box."""
+    left_top = (points - boxes[..., None, :2]).amin(-1)
+    right_bottom = (boxes[..., None, 2:] - points).amin(-1)
+    return (left_top > INSIDE_EPS) & (right_bottom > INSIDE_EPS)
+
+
+@dataclass
+class _Pairs:
+    """Candidate (box, anchor) pairs of a batch: box g (index into the batch's G real boxes), anchor n,
+    image b = the box's image; iou and metric per pair."""
+
+    box: torch.Tensor
+    anchor: torch.Tensor
+    image: torch.Tensor
+    iou: torch.Tensor
+    metric: torch.Tensor
+
+    def subset(self, keep: torch.Tensor) -> _Pairs:
+        return _Pairs(self.box[keep], self.anchor[keep], self.image[keep], self.iou[keep], self.metric[keep])
 
 
 class TaskAlignedAssigner:
-    """`assigner(scores, boxes, points, gt_labels, gt_boxes, gt_mask)` -> Assignment (no gradients)."""
+    """`assigner(scores, boxes, points, gt_labels, gt_boxes, gt_mask)` -> Assignment (no gradients).
+
+    It works on the candidate pairs only (anchor centres inside a real box: a few dozen per box), not on
+    dense (images x padded boxes x anchors) tensors: on BCCD batches that is most of the loss's time.
+    """
 
     def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9,
                  min_side: float = 0.0):
@@ -65,16 +84,12 @@ class TaskAlignedAssigner:
         """scores (B, N, nc) class probabilities; boxes (B, N, 4) predicted [x1, y1, x2, y2]; points (N, 2)
         anchor centres in the same units; gt_labels (B, M) long; gt_boxes (B, M, 4); gt_mask (B, M) bool
         (False for the padding rows of images with fewer than M boxes)."""
-        batch, anchors, nc = scores.shape
-        if gt_boxes.shape[1] == 0:
-            return self._background(scores, boxes)
-        candidate = self.candidates(points, gt_boxes, gt_mask)
-        iou = self._ious(boxes, gt_boxes, candidate)
-        class_scores = scores.transpose(1, 2).gather(1, gt_labels[..., None].expand(-1, -1, anchors))
-        metric = class_scores.pow(self.alpha) * iou.pow(self.beta) * candidate
-        positive = self._top_candidates(metric, candidate)
-        positive = self._one_gt_per_anchor(positive, iou)
-        return self._targets(positive, metric, iou, gt_labels, gt_boxes, nc)
+        image, slot = gt_mask.nonzero(as_tuple=True)  # the G real boxes, image-major
+        labels, real_boxes = gt_labels[image, slot], gt_boxes[image, slot]
+        pairs = self._candidate_pairs(scores, boxes, points, image, labels, real_boxes)
+        pairs = pairs.subset(self._top_per_box(pairs, len(image)))
+        pairs = pairs.subset(self._best_box_per_anchor(pairs, scores.shape[1]))
+        return self._targets(pairs, scores, gt_labels, gt_boxes, slot, labels, real_boxes)
 
     def candidates(self, points: torch.Tensor, gt_boxes: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
         """(B, M, N) bool: anchor centres inside each real gt box (its short sides grown to min_side)."""
@@ -88,48 +103,64 @@ class TaskAlignedAssigner:
         half = (gt_boxes[..., 2:] - gt_boxes[..., :2]).clamp(min=self.min_side) / 2
         return torch.cat((centre - half, centre + half), -1)
 
-    @staticmethod
-    def _ious(boxes: torch.Tensor, gt_boxes: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        """(B, M, N) CIoU (clamped at 0) of each candidate pair, 0 elsewhere."""
-        iou = torch.zeros(candidate.shape, dtype=boxes.dtype, device=boxes.device)
-        b, m, n = candidate.nonzero(as_tuple=True)
-        if len(b):
-            iou[b, m, n] = bbox_iou(boxes[b, n], gt_boxes[b, m], xywh=False, CIoU=True).squeeze(-1).clamp(0)
-        return iou
+    def _candidate_pairs(self, scores, boxes, points, image, labels, real_boxes) -> _Pairs:
+        """Every (real box, anchor inside it) pair with its CIoU (clamped at 0) and alignment metric."""
+        box, anchor = points_in_boxes(points, self._candidate_region(real_boxes)).nonzero(as_tuple=True)
+        pair_image = image[box]
+        iou = bbox_iou(boxes[pair_image, anchor], real_boxes[box], xywh=False, CIoU=True).view(-1).clamp(0)
+        score = scores[pair_image, anchor, labels[box]]
+        return _Pairs(box, anchor, pair_image, iou, score.pow(self.alpha) * iou.pow(self.beta))
 
-    def _top_candidates(self, metric: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        """(B, M, N) bool: the topk anchors of each gt by metric, among its candidates."""
-        k = min(self.topk, metric.shape[-1])
-        top = metric.topk(k, dim=-1).indices
-        chosen = torch.zeros_like(candidate).scatter_(-1, top, True)
-        return chosen & candidate
+    def _top_per_box(self, pairs: _Pairs, boxes: int) -> torch.Tensor:
+        """Bool per pair: among its box's candidates, one of the topk by metric (ties: lower anchor index)."""
+        order = pairs.metric.sort(descending=True, stable=True).indices  # pairs come sorted by (box, anchor)
+        order = order[pairs.box[order].sort(stable=True).indices]  # by box, best metric first
+        return _rank_in_group(pairs.box, order, boxes) < self.topk
 
     @staticmethod
-    def _one_gt_per_anchor(positive: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
-        """An anchor taken by several gts keeps the one (of those) with the highest IoU."""
-        shared = positive.sum(1, keepdim=True) > 1  # (B, 1, N)
-        if not shared.any():
-            return positive
-        best = (iou * positive).argmax(1)  # (B, N)
-        best_only = F.one_hot(best, positive.shape[1]).transpose(1, 2).bool()  # (B, M, N)
-        return torch.where(shared, best_only & positive, positive)
+    def _best_box_per_anchor(pairs: _Pairs, anchors: int) -> torch.Tensor:
+        """Bool per pair: an anchor taken by several boxes keeps the one with the highest IoU (ties: the
+        lower box index)."""
+        key = pairs.image * anchors + pairs.anchor
+        order = pairs.iou.sort(descending=True, stable=True).indices
+        order = order[key[order].sort(stable=True).indices]
+        first = torch.ones_like(order, dtype=torch.bool)
+        first[1:] = key[order[1:]] != key[order[:-1]]
+        keep = torch.zeros_like(first)
+        keep[order] = first
+        return keep
 
-    def _targets(self, positive, metric, iou, gt_labels, gt_boxes, nc) -> Assignment:
-        foreground = positive.any(1)  # (B, N)
-        gt_index = positive.to(metric.dtype).argmax(1)  # (B, N); 0 for background
-        labels = gt_labels.gather(1, gt_index)
-        boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))
-        metric = metric * positive
-        best_metric = metric.amax(-1, keepdim=True)  # (B, M, 1)
-        best_iou = (iou * positive).amax(-1, keepdim=True)
-        normalised = (metric * best_iou / (best_metric + self.eps)).amax(1)  # (B, N)
-        scores = F.one_hot(labels, nc).to(metric.dtype) * (normalised * foreground)[..., None]
-        return Assignment(labels, boxes, scores, foreground, gt_index)
-
-    @staticmethod
-    def _background(scores: torch.Tensor, boxes: torch.Tensor) -> Assignment:
-        batch, anchors, _ = scores.shape
-        zeros_long = torch.zeros(batch, anchors, dtype=torch.long, device=scores.device)
+    def _targets(self, pairs: _Pairs, scores, gt_labels, gt_boxes, slot, labels, real_boxes) -> Assignment:
+        batch, anchors, nc = scores.shape
+        # background anchors carry image's box 0 as label/box (what a gather at index 0 gives), score 0
+        out_labels = gt_labels[:, :1].expand(batch, anchors).clone() if gt_labels.shape[1] else \
+            torch.zeros(batch, anchors, dtype=torch.long, device=scores.device)
+        out_boxes = gt_boxes[:, :1].expand(batch, anchors, 4).clone() if gt_boxes.shape[1] else \
+            torch.zeros_like(scores[..., :1]).expand(batch, anchors, 4).clone()
+        out_scores = torch.zeros_like(scores)
         foreground = torch.zeros(batch, anchors, dtype=torch.bool, device=scores.device)
-        return Assignment(zeros_long, torch.zeros_like(boxes), torch.zeros_like(scores), foreground,
-                          zeros_long.clone())
+        gt_index = torch.zeros(batch, anchors, dtype=torch.long, device=scores.device)
+        if len(pairs.box):
+            best_metric = _group_max(pairs.metric, pairs.box, len(slot))
+            best_iou = _group_max(pairs.iou, pairs.box, len(slot))
+            normalised = pairs.metric * best_iou[pairs.box] / (best_metric[pairs.box] + self.eps)
+            b, n, pair_labels = pairs.image, pairs.anchor, labels[pairs.box]
+            out_labels[b, n], gt_index[b, n] = pair_labels, slot[pairs.box]
+            out_boxes[b, n] = real_boxes[pairs.box]
+            foreground[b, n] = True
+            out_scores[b, n, pair_labels] = normalised.to(out_scores.dtype)
+        return Assignment(out_labels, out_boxes, out_scores, foreground, gt_index)
+
+
+def _rank_in_group(group: torch.Tensor, order: torch.Tensor, groups: int) -> torch.Tensor:
+    """Rank of each element within its group, `order` listing the elements group by group (best first)."""
+    counts = torch.bincount(group, minlength=groups)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - starts[group[order]]
+    return rank
+
+
+def _group_max(values: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups,) max of `values` per group (0 for an empty group; the values are >= 0)."""
+    return values.new_zeros(groups).scatter_reduce(0, group, values, "amax", include_self=True)
