@@ -16,7 +16,7 @@ from models.yolo import Detect, DetectionModel
 from tests.test_export import calibrate_batchnorm
 from utils.boxes import bbox_iou
 from utils.loss import ComputeLoss
-from utils.loss_af import AnchorFreeLoss, build_criterion, class_loss, distribution_focal_loss
+from utils.loss_af import AnchorFreeLoss, build_criterion, distribution_focal_loss
 from utils.tal import TaskAlignedAssigner
 
 NAMES = ["a", "b", "c"]
@@ -117,8 +117,11 @@ def _assign_by_loops(scores, boxes, points, gt_labels, gt_boxes, gt_mask, topk, 
     for (b, _), (iou, m, metric) in kept.items():
         old = best.get((b, m), (0.0, 0.0))
         best[b, m] = (max(old[0], metric), max(old[1], iou))
-    return {(b, n): (m, int(gt_labels[b, m]), metric * best[b, m][1] / (best[b, m][0] + 1e-9))
-            for (b, n), (iou, m, metric) in kept.items()}
+    def target(b, m, metric):  # relative: metric / best metric of the box x its best IoU
+        return metric * best[b, m][1] / best[b, m][0] if best[b, m][0] else 0.0
+
+    return {(b, n): (m, int(gt_labels[b, m]), target(b, m, metric))
+            for (b, n), (_, m, metric) in kept.items()}
 
 
 def test_assigner_matches_the_rules_written_as_loops_on_random_batches():
@@ -143,6 +146,21 @@ def test_assigner_matches_the_rules_written_as_loops_on_random_batches():
             assert torch.equal(result.boxes[b, n], gt_boxes[b, m])
             assert result.scores[b, n, cls].item() == pytest.approx(score, rel=1e-4, abs=1e-7)
         assert result.scores[~result.foreground].abs().sum() == 0
+
+
+def test_a_box_nothing_aligns_with_yet_still_gets_targets():
+    # a 16 px box, the one anchor inside it predicting a 160 px box: IoU 0.01, class score 1e-4, so the
+    # alignment is 0.01 * 0.01^6 = 1e-14. YOLOv8 divides by (best alignment + 1e-9), which leaves this box
+    # a target score of ~1e-7 (no box loss, no class target: small objects at the start of training never
+    # learn); the relative normalisation gives its best anchor the box's best IoU, as for any other box.
+    points = torch.tensor([[8.0, 8.0]])
+    gt_boxes = torch.tensor([[[0.0, 0, 16, 16]]])
+    boxes = torch.tensor([[[-72.0, -72, 88, 88]]])
+    scores = torch.full((1, 1, 1), 1e-4)
+    iou = bbox_iou(boxes[0, 0], gt_boxes[0, 0], xywh=False, CIoU=True).item()
+    args = (scores, boxes, points, torch.tensor([[0]]), gt_boxes, torch.tensor([[True]]))
+    assert TaskAlignedAssigner()(*args).scores[0, 0, 0].item() == pytest.approx(iou, rel=1e-5)
+    assert TaskAlignedAssigner(eps=1e-9)(*args).scores[0, 0, 0].item() < 1e-4 * iou  # YOLOv8's floor
 
 
 def test_af_min_side_is_read_in_strides_of_the_finest_level():
@@ -170,30 +188,25 @@ def test_distribution_focal_loss_by_hand():
     assert (best.softmax(-1) * torch.arange(4.0)).sum().item() == pytest.approx(1.25, abs=1e-4)
 
 
-def test_quality_focal_class_loss_by_hand():
-    logits = torch.tensor([[0.0, -2.0], [1.0, 3.0]])
-    targets = torch.tensor([[0.6, 0.0], [0.0, 0.9]])
-    p = logits.sigmoid()
-    bce = -(targets * p.log() + (1 - targets) * (1 - p).log())
-    assert class_loss(logits, targets).item() == pytest.approx(bce.sum().item(), rel=1e-6)  # beta 0: BCE
-    # beta 2: each element times |target - p|^2; 0.5 vs 0.6 and 0.95 vs 0.9 shrink to almost nothing
-    assert class_loss(logits, targets, 2.0).item() == pytest.approx((bce * (targets - p) ** 2).sum().item(),
-                                                                   rel=1e-6)
-    # a confident, correct negative counts far less than under BCE, a badly scored positive nearly as much
-    easy_negative, bad_positive = torch.tensor([-4.0]), torch.tensor([-4.0])
-    zero, one = torch.zeros(1), torch.ones(1)
-    ratio_negative = class_loss(easy_negative, zero, 2.0) / class_loss(easy_negative, zero)
-    ratio_positive = class_loss(bad_positive, one, 2.0) / class_loss(bad_positive, one)
-    assert ratio_negative.item() < 1e-3 and ratio_positive.item() > 0.95
+def test_box_losses_weight_positives_by_score_or_all_the_same():
     model = af_model().train()
-    model.hyp = {}
-    bce_criterion = build_criterion(model)
-    model.hyp = {"af_qfl": 2.0}
-    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.3]])
-    preds = model(torch.rand(1, 3, 64, 64))
-    bce_cls = bce_criterion(preds, targets)[1][2]
-    qfl_cls = build_criterion(model)(preds, targets)[1][2]
-    assert 0 < qfl_cls < bce_cls  # the untrained model's near-zero scores on background barely count
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.3], [0, 0, 0.3, 0.3, 0.2, 0.3]])
+    preds = model(torch.rand(1, 3, 96, 96))
+    by_power = {}
+    for power in (1.0, 0.0):
+        model.hyp = {"af_box_score_power": power, "af_box": 1.0}
+        criterion = build_criterion(model)
+        step = criterion.assign(preds, targets)
+        fg = step.assigned.foreground
+        iou = bbox_iou(step.pred_boxes[fg], step.assigned.boxes[fg] / step.strides[fg[0]], xywh=False,
+                       CIoU=True).view(-1)
+        scores = step.assigned.scores.sum(-1)[fg]
+        by_power[power] = (criterion(preds, targets)[1][0].item(), iou, scores)
+    loss, iou, scores = by_power[1.0]  # YOLOv8: weighted by the target scores, / their sum (at least 1)
+    assert loss == pytest.approx(((1 - iou) * scores).sum().item() / max(scores.sum().item(), 1.0), rel=1e-5)
+    loss, iou, _ = by_power[0.0]  # every positive the same: the mean of 1 - CIoU over the positives
+    assert loss == pytest.approx((1 - iou).mean().item(), rel=1e-5)
+    assert by_power[0.0][0] != pytest.approx(by_power[1.0][0], rel=1e-3)
 
 
 def test_ciou_of_known_pairs():
@@ -325,7 +338,7 @@ def test_criterion_follows_the_head_and_reads_af_gains():
     criterion = build_criterion(model)
     assert type(criterion) is AnchorFreeLoss
     assert criterion.gains == {"af_box": 2.0, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10.0,
-                               "af_min_side": 0.0, "af_qfl": 0.0}
+                               "af_min_side": 0.0, "af_box_score_power": 0.0}
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.3], [1, 2, 0.3, 0.6, 0.2, 0.2]])
     model.train()
     loss, items = criterion(model(torch.rand(2, 3, 96, 128)), targets)

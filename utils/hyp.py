@@ -106,8 +106,8 @@ HYP_RULES: dict[str, HypRule] = {
                        integer=True),
     "af_min_side": HypRule("DetectAF assigner: box sides below this many smallest strides are grown to it "
                            "when picking the anchors inside a box (default 0: off)", 0, 16, required=False),
-    "af_qfl": HypRule("DetectAF class loss: quality focal exponent (default 0: YOLOv8's BCE; GFL uses 2)",
-                      0, 8, required=False),
+    "af_box_score_power": HypRule("DetectAF box and DFL loss weight of a positive = its target score ** this "
+                                  "(default 0: every positive the same; YOLOv8: 1)", 0, 4, required=False),
     "close_mosaic": _gain("last epochs trained without mosaic (0: mosaic to the end)", required=False,
                           integer=True, default=CLOSE_MOSAIC_EPOCHS),
     # ViT backbones (optional; read by the optimiser and the backbone builders when present)

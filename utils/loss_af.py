@@ -8,10 +8,10 @@ Conventions (as ComputeLoss):
   preds    list of nl raw maps (B, 4 * reg_max + nc, ny, nx): box-side distribution logits, class logits
 Targets are assigned by task alignment (utils/tal.py) on the detached predictions. With S the sum of
 all target scores (at least 1):
-  cls  BCE of the class logits against the soft targets, summed over anchors and classes, / S; with
-       af_qfl = beta > 0 each term is scaled by |target - sigmoid(logit)| ** beta (quality focal loss,
-       Li et al. 2020, arXiv:2006.04388, beta 2 there): easy negatives and well-scored positives count less
-  box  sum over assigned anchors of (1 - CIoU) x the anchor's target score, / S
+  cls  BCE of the class logits against the soft targets, summed over anchors and classes, / S
+  box  sum over assigned anchors of (1 - CIoU) x w, / the sum of w (at least 1), w = the anchor's target
+       score ** af_box_score_power: the default 0 counts every assigned anchor the same (the mean over them),
+       YOLOv8's 1 weights each by its target score
   dfl  the same weighting of the distribution focal loss (arXiv:2006.04388) of the four sides: each
        target distance d (cells, clamped below reg_max - 1) is the mixture of its two neighbouring integer
        bins, cross-entropy to floor(d) weighted by ceil-side distance and to floor(d) + 1 by the rest
@@ -41,19 +41,14 @@ from utils.tal import Assignment, TaskAlignedAssigner
 # hyp keys of this loss and their defaults (YOLOv8's gains box 7.5, cls 0.5, dfl 1.5; assigner top 10;
 # af_min_side: box sides below this many smallest-level strides are grown to it when the assigner looks
 # for the anchors inside a box, 0 = off). The gains are used as given: unlike YOLOv5's, they are not
-# rescaled by levels, classes or image size. af_qfl: the quality-focal exponent of the class loss, 0 = BCE
-# (YOLOv8's).
-AF_DEFAULTS = {"af_box": 7.5, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10, "af_min_side": 0.0, "af_qfl": 0.0}
+# rescaled by levels, classes or image size.
+# af_box_score_power: each positive's box and DFL loss is weighted by its target score ** this. YOLOv8 uses 1;
+# the default 0 weighs every positive the same: with 1 a box whose predictions overlap it poorly (small
+# objects: their alignment goes with IoU ** 6) gets almost no box loss and stays poorly predicted
+# (docs/heads.md, BCCD's platelets).
+AF_DEFAULTS = {"af_box": 7.5, "af_cls": 0.5, "af_dfl": 1.5, "af_topk": 10, "af_min_side": 0.0,
+               "af_box_score_power": 0.0}
 ASSIGNER_ALPHA, ASSIGNER_BETA = 0.5, 6.0  # TOOD's exponents of the class score and the IoU
-
-
-def class_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
-    """Summed BCE of class logits against soft targets in [0, 1]; beta > 0 makes it the quality focal loss,
-    each element scaled by |target - sigmoid(logit)| ** beta (the factor is not detached, as in GFL)."""
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    if beta > 0:
-        bce = bce * (targets - logits.sigmoid()).abs().pow(beta)
-    return bce.sum()
 
 
 def distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -90,8 +85,8 @@ class AssignedBatch:
 
 
 class AnchorFreeLoss:
-    """Loss of a model whose last layer is DetectAF; gains and assigner settings from `model.hyp` (af_box,
-    af_cls, af_dfl, af_topk, af_min_side, af_qfl), AF_DEFAULTS for the keys it does not have."""
+    """Loss of a model whose last layer is DetectAF; gains and assigner settings from `model.hyp` (the af_*
+    keys of AF_DEFAULTS), AF_DEFAULTS for the keys it does not have."""
 
     loss_names = ("box", "dfl", "cls")
 
@@ -112,9 +107,10 @@ class AnchorFreeLoss:
         step = self.assign(preds, targets)
         assigned, batch = step.assigned, step.gt_mask.shape[0]
         score_sum = assigned.scores.sum().clamp(min=1.0)
-        cls_loss = class_loss(step.cls_logits, assigned.scores, self.gains["af_qfl"]) / score_sum
+        cls_loss = F.binary_cross_entropy_with_logits(step.cls_logits, assigned.scores, reduction="sum")
+        cls_loss = cls_loss / score_sum
         box_loss, dfl_loss = self._box_losses(step.box_logits, step.pred_boxes, step.points, step.strides,
-                                              assigned, score_sum)
+                                              assigned)
         box_loss = box_loss * self.gains["af_box"]
         dfl_loss = dfl_loss * self.gains["af_dfl"]
         cls_loss = cls_loss * self.gains["af_cls"]
@@ -137,20 +133,24 @@ class AnchorFreeLoss:
         return AssignedBatch(box_logits, cls_logits, pred_boxes, points, strides, gt_labels, gt_boxes,
                              gt_mask, assigned)
 
-    def _box_losses(self, box_logits, pred_boxes, points, strides, assigned, score_sum):
-        """(CIoU loss, DFL) of the assigned anchors, each weighted by the anchor's target score, / S."""
+    def _box_losses(self, box_logits, pred_boxes, points, strides, assigned):
+        """(CIoU loss, DFL) of the assigned anchors, each weighted by its target score ** af_box_score_power,
+        / the sum of those weights (at least 1). With power 1 the weights sum to S."""
         foreground = assigned.foreground
         if not foreground.any():
             zero = box_logits.sum() * 0.0  # keeps the graph (and DDP) aware of every parameter
             return zero, zero
         weight = assigned.scores.sum(-1)[foreground]  # (P,)
+        power = self.gains["af_box_score_power"]
+        weight = torch.ones_like(weight) if power == 0 else weight if power == 1 else weight.pow(power)
+        weight_sum = weight.sum().clamp(min=1.0)
         target_boxes = assigned.boxes / strides  # cells of each anchor's level
         iou = bbox_iou(pred_boxes[foreground], target_boxes[foreground], xywh=False, CIoU=True).squeeze(-1)
-        box_loss = ((1.0 - iou) * weight).sum() / score_sum
+        box_loss = ((1.0 - iou) * weight).sum() / weight_sum
         target = boxes_to_distances(points, target_boxes, self.reg_max - 1 - 0.01)[foreground]  # (P, 4)
         logits = box_logits[foreground].reshape(-1, self.reg_max)
         dfl = distribution_focal_loss(logits, target.reshape(-1)).view(-1, 4).mean(-1)
-        return box_loss, (dfl * weight).sum() / score_sum
+        return box_loss, (dfl * weight).sum() / weight_sum
 
     @staticmethod
     def _ground_truth(targets: torch.Tensor, batch: int, height, width):

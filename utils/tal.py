@@ -9,7 +9,10 @@ with the highest t (among those inside it; ties go to the lower anchor index). A
 several boxes keeps the one whose IoU with its prediction is highest. The class target of an assigned
 anchor is the one-hot class scaled by t(a, g) / max_a' t(a', g) * max_a' IoU(a', g) over the anchors g
 took: the best-aligned anchor of each box is asked for a score equal to the best IoU reached on that box,
-the others for less.
+the others for less. The ratio has no absolute floor (`eps` 0): YOLOv8 divides by max t + 1e-9, and with
+t = s^0.5 x IoU^6 a small box at the start of training (IoU ~0.02 with the large boxes an untrained head
+predicts, s ~1e-4) has max t ~1e-12, so its targets round to 0: no class target and no box loss until
+the boxes predicted around it happen to shrink (BCCD's platelets at 320 px, docs/heads.md).
 
 Small boxes (`min_side`, pixels; 0 = off): a box side shorter than min_side is grown to min_side about
 the box centre for the "centre inside the box" test only (IoUs and regression targets keep the real
@@ -74,8 +77,10 @@ class TaskAlignedAssigner:
     dense (images x padded boxes x anchors) tensors: on BCCD batches that is most of the loss's time.
     """
 
-    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9,
+    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 0.0,
                  min_side: float = 0.0):
+        """eps: added to each box's best alignment before dividing by it; 0 (default) divides by the best
+        alignment itself (relative), YOLOv8 uses 1e-9 (module docstring)."""
         self.topk, self.alpha, self.beta, self.eps, self.min_side = topk, alpha, beta, eps, float(min_side)
 
     @torch.no_grad()
@@ -143,7 +148,8 @@ class TaskAlignedAssigner:
         if len(pairs.box):
             best_metric = _group_max(pairs.metric, pairs.box, len(slot))
             best_iou = _group_max(pairs.iou, pairs.box, len(slot))
-            normalised = pairs.metric * best_iou[pairs.box] / (best_metric[pairs.box] + self.eps)
+            floor = self.eps if self.eps > 0 else torch.finfo(best_metric.dtype).tiny  # 0 / tiny = 0
+            normalised = pairs.metric * best_iou[pairs.box] / (best_metric[pairs.box] + floor)
             b, n, pair_labels = pairs.image, pairs.anchor, labels[pairs.box]
             out_labels[b, n], gt_index[b, n] = pair_labels, slot[pairs.box]
             out_boxes[b, n] = real_boxes[pairs.box]
