@@ -423,6 +423,9 @@ def test_assignment_report_counts_each_class_boxes_candidates_and_positives(trai
     for entry in plain.values():  # positives are candidates, at most af_topk (10) of them per box
         assert entry.positives <= min(entry.candidates, 10 * entry.boxes)
         assert 0 <= entry.without_positives <= entry.boxes
+        assert 0 <= entry.best_iou <= entry.boxes - entry.without_positives
+        assert 0 <= entry.target_score <= entry.positives
+    assert sum(entry.best_iou for entry in plain.values()) > 0  # the trained model overlaps some boxes
     grown = assignment_report(weights, str(tiny_data), imgsz=96, batch_size=8, batches=2,
                               hyp={"af_min_side": 4.0})  # sides below 32 px grow to 32
     assert all(grown[name].candidates >= plain[name].candidates for name in plain)
