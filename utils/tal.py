@@ -36,9 +36,9 @@ INSIDE_EPS = 1e-9  # an anchor point on a box side is outside
 class Assignment:
     """Targets per anchor (B images, N anchors, nc classes).
 
-    labels (B, N) long class ids; boxes (B, N, 4) [x1, y1, x2, y2] in the gt boxes' units; scores (B, N, nc)
-    normalised alignment targets (0 for background); foreground (B, N) bool; gt_index (B, N) long index
-    of the assigned gt box in its image (0 for background anchors).
+    labels (B, N) long class ids and boxes (B, N, 4) [x1, y1, x2, y2] in the gt boxes' units; scores
+    (B, N, nc) normalised alignment targets; foreground (B, N) bool; gt_index (B, N) long index of the
+    assigned gt box in its image. All of them are 0 on background anchors.
     """
 
     labels: torch.Tensor
@@ -92,9 +92,12 @@ class TaskAlignedAssigner:
         image, slot = gt_mask.nonzero(as_tuple=True)  # the G real boxes, image-major
         labels, real_boxes = gt_labels[image, slot], gt_boxes[image, slot]
         pairs = self._candidate_pairs(scores, boxes, points, image, labels, real_boxes)
-        pairs = pairs.subset(self._top_per_box(pairs, len(image)))
-        pairs = pairs.subset(self._best_box_per_anchor(pairs, scores.shape[1]))
-        return self._targets(pairs, scores, gt_labels, gt_boxes, slot, labels, real_boxes)
+        pairs = pairs.subset(_rank_within(pairs.box, pairs.metric, len(image)) < self.topk)  # topk per box
+        # an anchor taken by several boxes keeps the one with the highest IoU (ties: the lower box index)
+        batch, anchors = scores.shape[:2]
+        anchor_id = pairs.image * anchors + pairs.anchor
+        pairs = pairs.subset(_rank_within(anchor_id, pairs.iou, batch * anchors) == 0)
+        return self._targets(pairs, scores, gt_boxes, slot, labels, real_boxes)
 
     def candidates(self, points: torch.Tensor, gt_boxes: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
         """(B, M, N) bool: anchor centres inside each real gt box (its short sides grown to min_side)."""
@@ -116,32 +119,10 @@ class TaskAlignedAssigner:
         score = scores[pair_image, anchor, labels[box]]
         return _Pairs(box, anchor, pair_image, iou, score.pow(self.alpha) * iou.pow(self.beta))
 
-    def _top_per_box(self, pairs: _Pairs, boxes: int) -> torch.Tensor:
-        """Bool per pair: among its box's candidates, one of the topk by metric (ties: lower anchor index)."""
-        order = pairs.metric.sort(descending=True, stable=True).indices  # pairs come sorted by (box, anchor)
-        order = order[pairs.box[order].sort(stable=True).indices]  # by box, best metric first
-        return _rank_in_group(pairs.box, order, boxes) < self.topk
-
-    @staticmethod
-    def _best_box_per_anchor(pairs: _Pairs, anchors: int) -> torch.Tensor:
-        """Bool per pair: an anchor taken by several boxes keeps the one with the highest IoU (ties: the
-        lower box index)."""
-        key = pairs.image * anchors + pairs.anchor
-        order = pairs.iou.sort(descending=True, stable=True).indices
-        order = order[key[order].sort(stable=True).indices]
-        first = torch.ones_like(order, dtype=torch.bool)
-        first[1:] = key[order[1:]] != key[order[:-1]]
-        keep = torch.zeros_like(first)
-        keep[order] = first
-        return keep
-
-    def _targets(self, pairs: _Pairs, scores, gt_labels, gt_boxes, slot, labels, real_boxes) -> Assignment:
+    def _targets(self, pairs: _Pairs, scores, gt_boxes, slot, labels, real_boxes) -> Assignment:
         batch, anchors, nc = scores.shape
-        # background anchors carry image's box 0 as label/box (what a gather at index 0 gives), score 0
-        out_labels = gt_labels[:, :1].expand(batch, anchors).clone() if gt_labels.shape[1] else \
-            torch.zeros(batch, anchors, dtype=torch.long, device=scores.device)
-        out_boxes = gt_boxes[:, :1].expand(batch, anchors, 4).clone() if gt_boxes.shape[1] else \
-            torch.zeros_like(scores[..., :1]).expand(batch, anchors, 4).clone()
+        out_labels = torch.zeros(batch, anchors, dtype=torch.long, device=scores.device)  # 0 on background
+        out_boxes = gt_boxes.new_zeros(batch, anchors, 4)
         out_scores = torch.zeros_like(scores)
         foreground = torch.zeros(batch, anchors, dtype=torch.bool, device=scores.device)
         gt_index = torch.zeros(batch, anchors, dtype=torch.long, device=scores.device)
@@ -158,8 +139,10 @@ class TaskAlignedAssigner:
         return Assignment(out_labels, out_boxes, out_scores, foreground, gt_index)
 
 
-def _rank_in_group(group: torch.Tensor, order: torch.Tensor, groups: int) -> torch.Tensor:
-    """Rank of each element within its group, `order` listing the elements group by group (best first)."""
+def _rank_within(group: torch.Tensor, value: torch.Tensor, groups: int) -> torch.Tensor:
+    """Rank of each element by descending value within its group (0 = best); ties keep the elements' order."""
+    order = value.sort(descending=True, stable=True).indices
+    order = order[group[order].sort(stable=True).indices]  # group by group, best value first
     counts = torch.bincount(group, minlength=groups)
     starts = counts.cumsum(0) - counts
     rank = torch.empty_like(order)
