@@ -1,17 +1,18 @@
 """The anchor-free decoupled detection head `DetectAF` (YOLOv8 style), a YAML module:
 
-    [[17, 20, 23], 1, DetectAF, [nc]]          # instead of [[17, 20, 23], 1, Detect, [nc, anchors]]
-    [[17, 20, 23], 1, DetectAF, [nc, 16, dw]]  # the same with depthwise-separable branches (lighter)
+    [[17, 20, 23], 1, DetectAF, [nc]]            # instead of [[17, 20, 23], 1, Detect, [nc, anchors]]
+    [[17, 20, 23], 1, DetectAF, [nc, 16, lite]]  # the same with lighter branches (dw, lite)
 
 Per level, a box branch (two 3x3 Conv-BN-SiLU, then a 1x1 conv to 4 * reg_max logits: a distribution
 over the integer distances 0 .. reg_max - 1 cells from the cell centre to each box side) and a class
 branch (two 3x3 Conv-BN-SiLU, then a 1x1 conv to nc logits). No objectness, no anchors: targets are
 assigned by task alignment (utils/tal.py) and trained with utils/loss_af.py.
 
-The third argument picks the branch layers: `conv` (the default, YOLOv8's full 3x3 convolutions) or
-`dw`, where each 3x3 Conv becomes a depthwise 3x3 Conv followed by a pointwise 1x1 Conv. On a small
-neck the full branches cost more than the rest of the model (yolov5n at 320: 1.1 -> 1.9 GFLOPs);
-`dw` keeps the head's extra cost to about a tenth of the model (docs/heads.md).
+The third argument picks the branch layers: `conv` (the default, YOLOv8's full 3x3 convolutions), `dw`
+(each 3x3 Conv becomes a depthwise 3x3 Conv followed by a pointwise 1x1 Conv) or `lite` (one such pair
+per branch). On a small neck the full branches cost nearly as much as the rest of the model (yolov5n at
+320: 1.03 -> 1.77 GFLOPs, about 30% fewer training images/s) and they are what learns the more precise
+boxes; `dw` and `lite` cost a tenth or less but learned no more than Detect on BCCD (docs/heads.md).
 
 Eval output has exactly the layout of the anchor-based `Detect`: (B, N, 5 + nc) rows
 [x, y, w, h (input pixels), obj, cls scores...], N = sum over levels of ny * nx (level-major, then
@@ -31,7 +32,8 @@ from models.common import Conv, DWConv
 from utils.anchor_points import distances_to_xywh, distribution_expectation, make_anchor_points
 
 REG_MAX = 16  # distance bins per box side (YOLOv8's default): distances up to 15 cells of each level
-BRANCHES = ("conv", "dw")  # DetectAF's branch layers: full 3x3 convolutions, or depthwise-separable ones
+# DetectAF's branch layers: two full 3x3 convolutions (YOLOv8), two depthwise-separable ones, or one
+BRANCHES = ("conv", "dw", "lite")
 
 
 class DetectAF(nn.Module):
@@ -57,7 +59,7 @@ class DetectAF(nn.Module):
         self.register_buffer("stride", torch.ones(self.nl), persistent=False)
         box_width = max(16, ch[0] // 4, 4 * self.reg_max)  # YOLOv8's branch widths
         cls_width = max(ch[0], min(self.nc, 100))
-        branch = _branch if branches == "conv" else _dw_branch
+        branch = {"conv": _branch, "dw": _dw_branch, "lite": _lite_branch}[branches]
         self.box_branch = nn.ModuleList(branch(c, box_width, 4 * self.reg_max) for c in ch)
         self.cls_branch = nn.ModuleList(branch(c, cls_width, self.nc) for c in ch)
 
@@ -95,6 +97,13 @@ def _dw_branch(in_channels: int, width: int, out_channels: int) -> nn.Sequential
     """_branch with each 3x3 Conv split into a depthwise 3x3 Conv and a pointwise 1x1 Conv."""
     return nn.Sequential(DWConv(in_channels, in_channels, 3), Conv(in_channels, width, 1),
                          DWConv(width, width, 3), Conv(width, width, 1),
+                         nn.Conv2d(width, out_channels, 1))
+
+
+def _lite_branch(in_channels: int, width: int, out_channels: int) -> nn.Sequential:
+    """One depthwise 3x3 Conv and one pointwise 1x1 Conv before the output conv: the lightest branch that
+    still sees a 3x3 neighbourhood with its own features."""
+    return nn.Sequential(DWConv(in_channels, in_channels, 3), Conv(in_channels, width, 1),
                          nn.Conv2d(width, out_channels, 1))
 
 

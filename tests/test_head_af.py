@@ -263,21 +263,25 @@ def _yaml_with_head_args(tmp_path, args: str):
     return str(path)
 
 
-def test_dw_branches_are_depthwise_separable_lighter_and_keep_the_layout(tmp_path):
+@pytest.mark.parametrize("kind, separable_convs, most_flops", [("dw", 2, 1.12), ("lite", 1, 1.08)])
+def test_light_branches_are_depthwise_separable_lighter_and_keep_the_layout(tmp_path, kind, separable_convs,
+                                                                            most_flops):
     from utils.torch_utils import count_flops
 
-    full, light = af_model(), af_model(cfg=_yaml_with_head_args(tmp_path, "[nc, 16, dw]"))
+    full, light = af_model(), af_model(cfg=_yaml_with_head_args(tmp_path, f"[nc, 16, {kind}]"))
     head = light.model[-1]
     for branch in (*head.box_branch, *head.cls_branch):
-        depthwise, pointwise = branch[0].conv, branch[1].conv
-        assert depthwise.groups == depthwise.in_channels and depthwise.kernel_size == (3, 3)
-        assert pointwise.kernel_size == (1, 1) and pointwise.groups == 1
+        assert len(branch) == 2 * separable_convs + 1  # (depthwise, pointwise) pairs, then the output conv
+        for depthwise, pointwise in zip(branch[0:-1:2], branch[1:-1:2]):
+            depthwise, pointwise = depthwise.conv, pointwise.conv
+            assert depthwise.groups == depthwise.in_channels and depthwise.kernel_size == (3, 3)
+            assert pointwise.kernel_size == (1, 1) and pointwise.groups == 1
     assert head.box_branch[0][-1].out_channels == 64 and head.cls_branch[0][-1].out_channels == 3
     head_params = {m: sum(p.numel() for p in m.model[-1].parameters()) for m in (full, light)}
     assert head_params[light] < head_params[full] / 5
-    # the whole model's cost: the full branches add about 70% to yolov5n, the depthwise ones about 10%
+    # the whole model's cost: the full branches add about 70% to yolov5n, dw about 10%, lite about 6%
     base = count_flops(af_model(cfg="yolov5n.yaml"), 320)
-    assert count_flops(full, 320) > 1.5 * base and count_flops(light, 320) < 1.12 * base
+    assert count_flops(full, 320) > 1.5 * base and count_flops(light, 320) < most_flops * base
     x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(1))
     before, after = _before_and_after_fuse(light, x)
     assert before.shape == (1, (12 * 16 + 6 * 8 + 3 * 4), 8)
@@ -287,7 +291,7 @@ def test_dw_branches_are_depthwise_separable_lighter_and_keep_the_layout(tmp_pat
 def test_unknown_branch_kind_names_the_row(tmp_path):
     from models.yolo import ModelConfigError
 
-    with pytest.raises(ModelConfigError, match=r"row 24.*branches must be one of conv, dw, got 'wide'"):
+    with pytest.raises(ModelConfigError, match=r"row 24.*branches must be one of conv, dw, lite, got 'wide'"):
         DetectionModel(_yaml_with_head_args(tmp_path, "[nc, 16, wide]"))
 
 
