@@ -12,7 +12,8 @@ The third argument picks the branch layers: `conv` (the default, YOLOv8's full 3
 (each 3x3 Conv becomes a depthwise 3x3 Conv followed by a pointwise 1x1 Conv) or `lite` (one such pair
 per branch). On a small neck the full branches cost nearly as much as the rest of the model (yolov5n at
 320: 1.03 -> 1.77 GFLOPs, about 30% fewer training images/s) and they are what learns the more precise
-boxes; `dw` and `lite` cost a tenth or less but learned no more than Detect on BCCD (docs/heads.md).
+boxes; `dw` and `lite` add 6-11% FLOPs (13-20% training time on yolov5n) but learned no more than Detect
+on BCCD (docs/heads.md).
 
 Eval output has exactly the layout of the anchor-based `Detect`: (B, N, 5 + nc) rows
 [x, y, w, h (input pixels), obj, cls scores...], N = sum over levels of ny * nx (level-major, then
@@ -32,8 +33,6 @@ from models.common import Conv, DWConv
 from utils.anchor_points import distances_to_xywh, distribution_expectation, make_anchor_points
 
 REG_MAX = 16  # distance bins per box side (YOLOv8's default): distances up to 15 cells of each level
-# DetectAF's branch layers: two full 3x3 convolutions (YOLOv8), two depthwise-separable ones, or one
-BRANCHES = ("conv", "dw", "lite")
 
 
 class DetectAF(nn.Module):
@@ -59,7 +58,7 @@ class DetectAF(nn.Module):
         self.register_buffer("stride", torch.ones(self.nl), persistent=False)
         box_width = max(16, ch[0] // 4, 4 * self.reg_max)  # YOLOv8's branch widths
         cls_width = max(ch[0], min(self.nc, 100))
-        branch = {"conv": _branch, "dw": _dw_branch, "lite": _lite_branch}[branches]
+        branch = BRANCHES[branches]
         self.box_branch = nn.ModuleList(branch(c, box_width, 4 * self.reg_max) for c in ch)
         self.cls_branch = nn.ModuleList(branch(c, cls_width, self.nc) for c in ch)
 
@@ -105,6 +104,10 @@ def _lite_branch(in_channels: int, width: int, out_channels: int) -> nn.Sequenti
     still sees a 3x3 neighbourhood with its own features."""
     return nn.Sequential(DWConv(in_channels, in_channels, 3), Conv(in_channels, width, 1),
                          nn.Conv2d(width, out_channels, 1))
+
+
+# DetectAF's branch layers by name: two full 3x3 convolutions (YOLOv8), two depthwise-separable ones, or one
+BRANCHES = {"conv": _branch, "dw": _dw_branch, "lite": _lite_branch}
 
 
 def is_anchor_free(head: nn.Module) -> bool:
