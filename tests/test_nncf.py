@@ -131,7 +131,9 @@ def test_accuracy_control_returns_layers_to_float_until_the_metric_is_within_max
     assert settings["fake_quantize_nodes"] == fake_quantize_count(restored)
     assert fake_quantize_count(restored) < fake_quantize_count(ov.Core().read_model(
         str(results["openvino_int8"].path / "w_int8.xml")))
-    assert 1.0 - metric(ov.Core().compile_model(restored, "CPU")) <= 0.7 * full_drop
+    # in float32 as the gate runs it: OpenVINO's default CPU precision may differ by release and CPU
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    assert 1.0 - metric(ov.Core().compile_model(restored, "CPU", f32)) <= 0.7 * full_drop
     # the gate's val pass runs a compiled model in memory exactly as the file it came from
     compiled_float = ov.Core().compile_model(str(float_ir / "w.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     assert quantize.val_map(float_ir, tiny_data, IMGSZ, 1, backend=backend_of(compiled_float)) == \
